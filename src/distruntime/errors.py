@@ -1,0 +1,78 @@
+"""The exceptions distruntime raises.
+
+Every error names what was wrong (the variable, rank or value) and how to fix it.
+They all derive from :class:`DistRuntimeError`, so ``except DistRuntimeError``
+catches anything the library raises on purpose.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "DeviceSelectionError",
+    "DistRuntimeError",
+    "GroupMismatchError",
+    "LaunchEnvError",
+    "PeerFailureError",
+    "RendezvousError",
+    "SignalExit",
+]
+
+
+class DistRuntimeError(RuntimeError):
+    """Base class of every error distruntime raises on purpose."""
+
+
+class LaunchEnvError(DistRuntimeError, ValueError):
+    """The launch environment is invalid, partial or contradictory.
+
+    Attributes:
+        variable: the environment variable at fault (``""`` when several are).
+        value: its value as found (``None`` when it is missing).
+    """
+
+    def __init__(self, message: str, *, variable: str = "", value: str | None = None) -> None:
+        super().__init__(message)
+        self.variable = variable
+        self.value = value
+
+
+class BackendUnavailableError(DistRuntimeError):
+    """The requested backend cannot run on this machine (e.g. ``nccl`` without CUDA)."""
+
+
+class DeviceSelectionError(DistRuntimeError):
+    """No device can be chosen for this rank (e.g. local rank beyond the visible GPUs)."""
+
+
+class RendezvousError(DistRuntimeError):
+    """The ranks could not meet: missing rank, port in use, unreachable address,
+    duplicate rank, or ranks that disagree on the world size."""
+
+
+class GroupMismatchError(DistRuntimeError):
+    """A live process group contradicts what this runtime was asked for."""
+
+
+class PeerFailureError(DistRuntimeError):
+    """Another rank failed; this rank stopped because of it.
+
+    Attributes:
+        failed_ranks: the ranks that reported a failure, with their messages.
+    """
+
+    def __init__(self, message: str, failed_ranks: dict[int, str]) -> None:
+        super().__init__(message)
+        self.failed_ranks = failed_ranks
+
+
+class SignalExit(SystemExit):
+    """Raised inside an active runtime when SIGTERM arrives.
+
+    A ``SystemExit`` so that ``except Exception`` in user code does not swallow it;
+    its exit code is the shell convention ``128 + signal number`` (143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(128 + signum)
+        self.signum = signum

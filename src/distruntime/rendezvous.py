@@ -1,0 +1,200 @@
+"""Rendezvous: open the store, let every rank check in, and explain failures.
+
+torch alone reports a missing rank as "1/3 clients joined" after its timeout. Here
+every rank writes who it is (host, pid) under its rank's key before anything blocks,
+so the ranks that did arrive can name the ones that did not, and a second process
+claiming the same rank, or ranks that disagree on the world size, are caught as such.
+
+All keys live under a namespace made of the job's ``run_id`` and a per-process
+generation counter, so a store that outlives one runtime (torchrun's agent store, or
+the next runtime in the same process) never mixes two rendezvous.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch.distributed as dist
+
+from distruntime.errors import RendezvousError
+from distruntime.launchers import LaunchEnv
+
+__all__ = ["Rendezvous", "open_rendezvous", "barrier"]
+
+logger = logging.getLogger("distruntime")
+
+# Shown in full up to this many ranks; longer lists are cut with a count.
+_MAX_LISTED = 16
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """An open rendezvous: the namespaced store and whether this process hosts it."""
+
+    store: dist.Store
+    hosts_store: bool
+    address: str
+    launch: LaunchEnv
+    started: float
+
+
+def _seconds_left(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _listed(ranks: list[int]) -> str:
+    shown = ", ".join(map(str, ranks[:_MAX_LISTED]))
+    return shown + (f", ... ({len(ranks)} in all)" if len(ranks) > _MAX_LISTED else "")
+
+
+def _whoami() -> str:
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+
+
+def _check_resolvable(launch: LaunchEnv, address: str, port: int) -> None:
+    try:
+        socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise RendezvousError(
+            f"MASTER_ADDR={address!r} (from {launch.source('master_addr')}) does not resolve "
+            f"on {socket.gethostname()}: {exc.strerror}. Fix: use rank 0's IP address, or a "
+            "host name every node can resolve."
+        ) from None
+
+
+def open_rendezvous(
+    launch: LaunchEnv,
+    deadline: float,
+    namespace: str,
+    store: dist.Store | None = None,
+) -> Rendezvous:
+    """Connect to (or, on rank 0, host) the rendezvous store and check in.
+
+    ``store`` is a store every rank already shares (a test controller's); otherwise
+    torchrun's agent store, or a TCPStore that rank 0 hosts at ``MASTER_ADDR:MASTER_PORT``.
+    Returns once every rank has checked in; raises :class:`RendezvousError` otherwise.
+    """
+    started = time.monotonic()
+    address = f"{launch.master_addr}:{launch.master_port}"
+    hosts_store = False
+    if store is None:
+        store, hosts_store = _connect(launch, deadline)
+    else:
+        address = "the store given to DistributedRuntime"
+    rdzv = Rendezvous(dist.PrefixStore(namespace, store), hosts_store, address, launch, started)
+    _check_in(rdzv, deadline)
+    return rdzv
+
+
+def _connect(launch: LaunchEnv, deadline: float) -> tuple[dist.Store, bool]:
+    assert launch.master_addr is not None and launch.master_port is not None  # validated by discover
+    host, port = launch.master_addr, launch.master_port
+    _check_resolvable(launch, host, port)
+    is_host = launch.rank == 0 and not launch.agent_store
+    waited = _seconds_left(deadline)
+    try:
+        store = dist.TCPStore(
+            host, port, is_master=is_host, timeout=timedelta(seconds=waited), wait_for_workers=False
+        )
+    except dist.DistNetworkError as exc:
+        if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            raise RendezvousError(
+                f"MASTER_PORT={port} ({launch.source('master_port')}) is already in use on "
+                f"{socket.gethostname()}, so rank 0 cannot host the rendezvous store there "
+                "(another job or program holds it). Fix: choose another MASTER_PORT, or stop "
+                "the program listening on it (`ss -ltnp | grep :PORT` shows which)."
+            ) from None
+        host_desc = "torchrun's agent" if launch.agent_store else "rank 0"
+        raise RendezvousError(
+            f"rank {launch.rank} on {socket.gethostname()} could not reach the rendezvous store "
+            f"at {host}:{port} within {waited:.1f}s: {host_desc}, which hosts it, never came up "
+            f"(missing rank: 0), or {host} is unreachable from here. Fix: check {host_desc}'s log "
+            f"for an earlier error, and that MASTER_ADDR={host!r} is rank 0's address."
+        ) from None
+    return store, is_host
+
+
+def _abort(store: dist.Store, phase: str, message: str) -> None:
+    """Wake every rank waiting in ``phase`` with an error instead of a timeout."""
+    store.compare_set(f"{phase}/go", "", f"abort:{message}")
+
+
+def _check_in(rdzv: Rendezvous, deadline: float) -> None:
+    store, launch = rdzv.store, rdzv.launch
+    rank = launch.rank
+    me = _whoami()
+    if store.add(f"claim/{rank}", 1) > 1:
+        other = store.get(f"who/{rank}").decode() if store.check([f"who/{rank}"]) else "another process"
+        message = (
+            f"rank {rank} is claimed by two processes: {other} and {me}. Two processes got the "
+            f"same {launch.source('rank')}. Fix: give every process its own rank in "
+            f"0..{launch.world_size - 1} (check the launcher command or the script that sets it)."
+        )
+        _abort(store, "join", message)
+        raise RendezvousError(message)
+    store.set(f"who/{rank}", me)
+    claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}"
+    first = store.compare_set("world_size", "", claim).decode()
+    if first != claim and first.split("|")[0] != str(launch.world_size):
+        size, other_rank, variable = first.split("|")
+        message = (
+            f"ranks disagree on the world size: rank {other_rank} has {variable}={size}, rank "
+            f"{rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
+            "rank with the same world size."
+        )
+        _abort(store, "join", message)
+        raise RendezvousError(message)
+    barrier(rdzv, "join", deadline)
+
+
+def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
+    """Store-based barrier that names the missing ranks when it times out.
+
+    Only used at start-up (bounded by ``deadline``): it needs no process group, so a
+    rank stuck before ``init_process_group`` is reported, not waited on forever.
+    """
+    store, world = rdzv.store, rdzv.launch.world_size
+    if store.add(f"{phase}/count", 1) == world:
+        store.compare_set(f"{phase}/go", "", "ok")
+    try:
+        store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
+        verdict = store.get(f"{phase}/go").decode()
+    except dist.DistError as exc:
+        raise _waiting_error(rdzv, phase, exc) from None
+    if verdict != "ok":
+        raise RendezvousError(verdict.removeprefix("abort:"))
+
+
+def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousError:
+    launch = rdzv.launch
+    waited = time.monotonic() - rdzv.started
+    what = "check in" if phase == "join" else f"reach the '{phase}' point"
+    try:
+        arrived = int(rdzv.store.add(f"{phase}/count", 0))
+        if phase == "join":
+            missing = [r for r in range(launch.world_size) if not rdzv.store.check([f"who/{r}"])]
+        else:
+            missing = []
+        joined = [r for r in range(launch.world_size) if r not in set(missing)][:_MAX_LISTED]
+        hosts = ", ".join(
+            f"{r}@{json.loads(rdzv.store.get(f'who/{r}'))['host']}" for r in joined
+        )
+    except dist.DistError:
+        return RendezvousError(
+            f"rank {launch.rank} lost the rendezvous store at {rdzv.address} after {waited:.1f}s "
+            f"while waiting for all {launch.world_size} ranks to {what}: the process hosting it "
+            f"(rank 0, or torchrun's agent) exited. Its log has the cause. ({exc})"
+        )
+    missing_text = f"missing ranks: {_listed(missing)}; " if missing else ""
+    return RendezvousError(
+        f"rank {launch.rank}: only {arrived} of {launch.world_size} ranks managed to {what} at "
+        f"{rdzv.address} ({launch.launcher}) within {waited:.1f}s; {missing_text}joined "
+        f"(rank@host): {hosts}. Fix: look for an error in the missing ranks' logs, check that "
+        "they were started, or raise timeout_minutes if they are just slow to start."
+    )

@@ -1,0 +1,497 @@
+"""``DistributedRuntime``: initialise on entry, tear down on every exit.
+
+State machine per process (one registry behind one lock, the library's only global
+state): *idle* -> *initialising* -> *active* -> *tearing down* -> *idle*.
+
+Ownership: the runtime that created the default process group is the only one that
+destroys it. A runtime entered while another is active shares it (nested); one entered
+while a group made outside the library is live adopts it and leaves it alive.
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from types import TracebackType
+from typing import Literal, TypeVar
+
+import torch
+import torch.distributed as dist
+from typing_extensions import ParamSpec
+
+from distruntime.device import choose_backend, select_device
+from distruntime.errors import (
+    DistRuntimeError,
+    GroupMismatchError,
+    PeerFailureError,
+    SignalExit,
+)
+from distruntime.info import DistInfo
+from distruntime.launchers import LaunchEnv, discover
+from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
+from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
+
+__all__ = ["DistributedRuntime", "current", "is_active"]
+
+logger = logging.getLogger("distruntime")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+# How long a failing rank that hosts the store waits for peers to read its failure
+# record before its process may exit (taking the store with it).
+_FAILURE_LINGER_S = 3.0
+# Bound on each store operation made on the failure path (the store may be gone).
+_FAILURE_STORE_TIMEOUT = timedelta(seconds=2)
+
+
+@dataclass
+class _Session:
+    """The live distributed state of this process."""
+
+    info: DistInfo
+    owner: DistributedRuntime | None  # None: a group created outside the library
+    depth: int = 1
+    rendezvous: Rendezvous | None = None
+    signals: SignalScope = field(default_factory=SignalScope)
+    env_patch: EnvPatch = field(default_factory=EnvPatch)
+
+
+class _Registry:
+    """The one piece of global state: the active session, behind one lock."""
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.session: _Session | None = None
+        self.generation = 0  # runtimes started in this process; namespaces store keys
+        self.global_runtime: DistributedRuntime | None = None  # the seed shims' runtime
+        self.atexit_registered = False
+
+
+_REGISTRY = _Registry()
+
+
+def current() -> DistInfo:
+    """The ``DistInfo`` of the active runtime (for functions under the decorator).
+
+    Raises:
+        DistRuntimeError: no runtime is active.
+
+    Example:
+        >>> @DistributedRuntime("gloo")
+        ... def main() -> int:
+        ...     return current().world_size
+        >>> main()
+        1
+    """
+    session = _REGISTRY.session
+    if session is None:
+        raise DistRuntimeError(
+            "no DistributedRuntime is active. Fix: call this inside "
+            "`with DistributedRuntime(...)`, a function decorated with it, or after "
+            "initialize_distributed()."
+        )
+    return session.info
+
+
+def is_active() -> bool:
+    """Whether a runtime (or an adopted group) is active in this process."""
+    return _REGISTRY.session is not None
+
+
+class DistributedRuntime:
+    """Initialise the default process group on entry; tear it down on exit.
+
+    Use it as a context manager or as a decorator on ``main``::
+
+        with DistributedRuntime("gloo") as info:
+            print(info.rank, info.world_size)
+
+        @DistributedRuntime("auto")
+        def main() -> None:
+            info = distruntime.current()
+
+    Args:
+        backend: ``"auto"`` (the accelerator's backend, gloo on CPU), ``"gloo"``,
+            ``"nccl"``, or a torch backend string such as ``"cpu:gloo,cuda:nccl"``.
+        timeout_minutes: bound on start-up: reaching the store, every rank checking in,
+            and creating the group. A missing rank is reported after this long.
+        collective_timeout_minutes: the group's timeout for every collective afterwards;
+            ``None`` keeps torch's default (10 min NCCL, 30 min gloo) so a long job is
+            not capped by the short start-up bound.
+        env: the environment to discover the launch from (default ``os.environ``); with
+            ``torch.multiprocessing.spawn`` pass ``{**os.environ, "RANK": ..., ...}``.
+        store: an existing store all ranks share (e.g. a test controller's); rank 0 then
+            hosts nothing.
+        bind_device_id: pass ``device_id`` to ``init_process_group`` (eager NCCL
+            communicator). ``None``: on for CUDA from torch 2.7.1 (earlier versions
+            could hang, pytorch#153960), off otherwise.
+        teardown_timeout_s: bound on destroying the group; past it the destroy is
+            abandoned with a warning so the process can exit.
+
+    On an exception inside the block the runtime does not wait on peers: it records the
+    failure for them, shuts its group down so peers blocked with it fail at once, and
+    re-raises the original exception. A peer that fails because of it raises
+    :class:`~distruntime.PeerFailureError` naming the failed rank.
+    """
+
+    def __init__(
+        self,
+        backend: str | None = "auto",
+        timeout_minutes: float = 1.0,
+        *,
+        collective_timeout_minutes: float | None = None,
+        env: Mapping[str, str] | None = None,
+        store: dist.Store | None = None,
+        bind_device_id: bool | None = None,
+        teardown_timeout_s: float = 30.0,
+    ) -> None:
+        if timeout_minutes <= 0:
+            raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes!r}")
+        self.backend = "auto" if backend is None else backend
+        self.timeout_minutes = timeout_minutes
+        self.collective_timeout_minutes = collective_timeout_minutes
+        self.bind_device_id = bind_device_id
+        self.teardown_timeout_s = teardown_timeout_s
+        self._env = env
+        self._store = store
+        # One entry per __enter__ still open: "owner", "nested" or "adopted".
+        self._entries: list[Literal["owner", "nested", "adopted"]] = []
+        self._state = "idle"
+
+    def __repr__(self) -> str:
+        return (
+            f"DistributedRuntime(backend={self.backend!r}, timeout_minutes={self.timeout_minutes!r}, "
+            f"state={self._state!r})"
+        )
+
+    # ------------------------------------------------------------------ context manager
+    def __enter__(self) -> DistInfo:
+        with _REGISTRY.lock:
+            session = _REGISTRY.session
+            launch = discover(self._environment())
+            if session is not None:
+                _check_compatible(session.info, self.backend, launch)
+                session.depth += 1
+                self._entries.append("nested")
+                return session.info
+            if dist.is_available() and dist.is_initialized():
+                info = _info_from_live_group(launch)
+                _check_compatible(info, self.backend, launch)
+                _REGISTRY.session = _Session(info=info, owner=None)
+                self._entries.append("adopted")
+                logger.info("adopted a process group created outside distruntime (%s)", info.backend)
+                return info
+            self._state = "initialising"
+            try:
+                _REGISTRY.session = self._start(launch)
+            except BaseException:
+                self._state = "idle"
+                raise
+            self._entries.append("owner")
+            self._state = "active"
+            return _REGISTRY.session.info
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with _REGISTRY.lock:
+            if not self._entries:
+                return
+            role = self._entries.pop()
+            session = _REGISTRY.session
+            if session is None:  # closed already (e.g. by atexit)
+                return
+            session.depth -= 1
+            if role == "nested":
+                return
+            if session.depth > 0:
+                logger.warning("closing a runtime while %d nested entries are still open", session.depth)
+            _REGISTRY.session = None
+            if role == "adopted":
+                return
+            self._state = "tearing down"
+            try:
+                peer_error = _close(session, exc, self.teardown_timeout_s)
+            finally:
+                self._state = "idle"
+        if peer_error is not None:
+            raise peer_error from exc
+
+    # ------------------------------------------------------------------ decorator
+    def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
+        """Decorate ``main``: run it inside this runtime.
+
+        Inside, :func:`distruntime.current` returns the ``DistInfo``. Under torchrun an
+        uncaught exception is also written to ``TORCHELASTIC_ERROR_FILE`` (torch's own
+        ``record``), so torchrun's summary names the real error.
+        """
+
+        @functools.wraps(fn)
+        def run_in_runtime(*args: P.args, **kwargs: P.kwargs) -> R:
+            with self:
+                return fn(*args, **kwargs)
+
+        @functools.wraps(fn)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
+                # Imported only here: torch.distributed.elastic costs import time.
+                from torch.distributed.elastic.multiprocessing.errors import record
+
+                return record(run_in_runtime)(*args, **kwargs)
+            return run_in_runtime(*args, **kwargs)
+
+        return wrapper
+
+    # ------------------------------------------------------------------ internals
+    def _environment(self) -> Mapping[str, str]:
+        return os.environ if self._env is None else self._env
+
+    def _start(self, launch: LaunchEnv) -> _Session:
+        started = time.monotonic()
+        deadline = started + self.timeout_minutes * 60
+        choice = choose_backend(self.backend, launch.world_size)
+        device = select_device(choice.device_type, launch.local_rank)
+        if device.type != "cpu":
+            getattr(torch, device.type).set_device(device)
+        _REGISTRY.generation += 1
+        session = _Session(
+            info=DistInfo(
+                backend=choice.backend,
+                rank=launch.rank,
+                world_size=launch.world_size,
+                device=device,
+                is_main=launch.rank == 0,
+                local_rank=launch.local_rank,
+                local_world_size=launch.local_world_size,
+                node_rank=launch.node_rank,
+                num_nodes=launch.num_nodes,
+                launcher=launch.launcher,
+                master_addr=launch.master_addr if launch.world_size > 1 else None,
+                master_port=launch.master_port if launch.world_size > 1 else None,
+            ),
+            owner=self,
+        )
+        session.signals.install()
+        if launch.launcher != "none":
+            session.env_patch = EnvPatch.export_missing(_torch_variables(launch))
+        try:
+            self._create_group(session, launch, deadline)
+        except BaseException:
+            shutdown_group(failed=True, timeout_s=self.teardown_timeout_s)
+            session.signals.restore()
+            session.env_patch.restore()
+            raise
+        _register_atexit()
+        if launch.rank == 0:
+            logger.info(
+                "all %d ranks joined in %.2fs (backend %s, launcher %s%s)",
+                launch.world_size, time.monotonic() - started, choice.backend, launch.launcher,
+                f", rendezvous {launch.master_addr}:{launch.master_port}" if launch.world_size > 1 else "",
+            )
+        return session
+
+    def _create_group(self, session: _Session, launch: LaunchEnv, deadline: float) -> None:
+        info = session.info
+        timeout = (
+            None if self.collective_timeout_minutes is None
+            else timedelta(minutes=self.collective_timeout_minutes)
+        )
+        bind = self.bind_device_id
+        if bind is None:
+            bind = info.device.type == "cuda" and _torch_at_least(2, 7, 1)
+        device_id = info.device if bind and info.device.type != "cpu" else None
+        if launch.world_size == 1 and self._store is None:
+            # One process: an in-process store, no port opened.
+            store: dist.Store = dist.HashStore()
+        else:
+            namespace = f"distruntime/{launch.run_id}/{_REGISTRY.generation}"
+            session.rendezvous = open_rendezvous(launch, deadline, namespace, self._store)
+            store = dist.PrefixStore("pg", session.rendezvous.store)
+        dist.init_process_group(
+            info.backend, store=store, rank=info.rank, world_size=info.world_size,
+            timeout=timeout, device_id=device_id,
+        )
+        if session.rendezvous is not None:
+            # Every rank is past init_process_group before any may tear down (rank 0
+            # leaving early would take the store away from a rank still connecting).
+            barrier(session.rendezvous, "ready", deadline)
+
+
+def _torch_at_least(*version: int) -> bool:
+    parts = []
+    for piece in torch.__version__.split("+")[0].split(".")[:3]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts) >= version
+
+
+def _torch_variables(launch: LaunchEnv) -> dict[str, str]:
+    """The torch names of the launch values, for libraries that read them."""
+    values = {
+        "RANK": str(launch.rank),
+        "WORLD_SIZE": str(launch.world_size),
+        "LOCAL_RANK": str(launch.local_rank),
+        "LOCAL_WORLD_SIZE": str(launch.local_world_size),
+    }
+    if launch.master_addr is not None and launch.master_port is not None:
+        values["MASTER_ADDR"] = launch.master_addr
+        values["MASTER_PORT"] = str(launch.master_port)
+    return values
+
+
+def _check_compatible(info: DistInfo, backend: str, launch: LaunchEnv) -> None:
+    """A runtime joining a live group must not be asked for something else."""
+    if backend.lower() != "auto":
+        wanted = choose_backend(backend, info.world_size, quiet=True).backend
+        if wanted not in info.backend:
+            raise GroupMismatchError(
+                f"a process group is already live with backend {info.backend!r}, but this "
+                f"runtime asks for {backend!r}. Fix: ask for 'auto' or {info.backend!r}, or "
+                "leave the outer runtime (destroy the existing group) first."
+            )
+    if launch.launcher == "none":
+        return  # the environment says nothing to contradict
+    for name, live, expected in (("rank", info.rank, launch.rank), ("world_size", info.world_size, launch.world_size)):
+        if live != expected:
+            raise GroupMismatchError(
+                f"the live process group has {name}={live}, but {launch.source(name)}={expected} "
+                f"({launch.launcher}). Fix: create the group with the launcher's values, or "
+                "correct the environment."
+            )
+
+
+def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
+    """Describe a group created outside the library, as truthfully as possible."""
+    backend = str(dist.get_backend())
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cpu")
+    if "nccl" in backend and torch.cuda.is_available():
+        device = torch.device("cuda", torch.cuda.current_device())
+    agrees = (launch.rank, launch.world_size) == (rank, world)
+    if not agrees or launch.launcher == "none":
+        return DistInfo(backend, rank, world, device, rank == 0, launcher="external")
+    return DistInfo(
+        backend, rank, world, device, rank == 0,
+        local_rank=launch.local_rank, local_world_size=launch.local_world_size,
+        node_rank=launch.node_rank, num_nodes=launch.num_nodes, launcher=launch.launcher,
+        master_addr=launch.master_addr, master_port=launch.master_port,
+    )
+
+
+# ---------------------------------------------------------------------- teardown
+def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
+    """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
+    session.signals.active = False  # a signal during teardown goes to the old handler
+    peer_error = None
+    rdzv = session.rendezvous
+    try:
+        if exc is not None and rdzv is not None:
+            peer_error = _report_failure(rdzv, session.info.rank, exc)
+        shutdown_group(failed=exc is not None, timeout_s=timeout_s)
+        if exc is not None and rdzv is not None and rdzv.hosts_store:
+            _linger_for_peers(rdzv)
+    finally:
+        session.signals.restore()
+        session.env_patch.restore()
+    logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
+    return peer_error
+
+
+def _report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailureError | None:
+    """Tell peers this rank failed, or learn that a peer failed first."""
+    failures: dict[int, str] = {}
+
+    def exchange() -> None:
+        store = rdzv.store
+        store.set_timeout(_FAILURE_STORE_TIMEOUT)
+        for index in range(int(store.add("failed/count", 0))):
+            other, _, message = store.get(f"failed/{index}").decode().partition("|")
+            failures[int(other)] = message
+        failures.pop(rank, None)
+        if not failures and not isinstance(exc, PeerFailureError):
+            index = int(store.add("failed/count", 1)) - 1
+            store.set(f"failed/{index}", f"{rank}|{_describe(exc)}")
+        else:
+            store.add("failed/acks", 1)
+
+    run_bounded(exchange, _FAILURE_STORE_TIMEOUT.total_seconds() * 3, "failure report to peers")
+    if not failures or isinstance(exc, (SignalExit, KeyboardInterrupt)):
+        return None
+    named = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
+    return PeerFailureError(
+        f"rank {rank} stopped because another rank failed first ({named}). The failed "
+        f"rank's own log has the full traceback; this rank's error was: {_describe(exc)}",
+        failures,
+    )
+
+
+def _linger_for_peers(rdzv: Rendezvous) -> None:
+    """The store host leaving at once would hide its failure record from peers."""
+    others = rdzv.launch.world_size - 1
+    deadline = time.monotonic() + _FAILURE_LINGER_S
+
+    def wait_for_acks() -> None:
+        while time.monotonic() < deadline and int(rdzv.store.add("failed/acks", 0)) < others:
+            time.sleep(0.05)
+
+    run_bounded(wait_for_acks, _FAILURE_LINGER_S + 1, "waiting for peers to read the failure")
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, SignalExit):
+        return f"terminated by signal {exc.signum}"
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+# ---------------------------------------------------------------------- process-wide
+def _register_atexit() -> None:
+    if not _REGISTRY.atexit_registered:
+        atexit.register(_close_at_exit)
+        _REGISTRY.atexit_registered = True
+
+
+def _close_at_exit() -> None:
+    """A runtime still open at interpreter exit (seed shims without destroy)."""
+    with _REGISTRY.lock:
+        session = _REGISTRY.session
+        if session is None or session.owner is None:
+            return
+        _REGISTRY.session = None
+        _REGISTRY.global_runtime = None
+        session.owner._entries.clear()
+        session.owner._state = "idle"
+        _close(session, None, session.owner.teardown_timeout_s)
+
+
+def enter_global(backend: str, timeout_minutes: float) -> DistInfo:
+    """``initialize_distributed``: enter the process-wide runtime (idempotent)."""
+    with _REGISTRY.lock:
+        runtime = _REGISTRY.global_runtime
+        if runtime is not None and _REGISTRY.session is not None:
+            _check_compatible(_REGISTRY.session.info, backend, discover(os.environ))
+            return _REGISTRY.session.info
+        runtime = DistributedRuntime(backend, timeout_minutes)
+        info = runtime.__enter__()
+        _REGISTRY.global_runtime = runtime
+        return info
+
+
+def exit_global() -> None:
+    """``destroy_global_state``: close the process-wide runtime; safe when none."""
+    with _REGISTRY.lock:
+        runtime, _REGISTRY.global_runtime = _REGISTRY.global_runtime, None
+    if runtime is not None:
+        runtime.__exit__(None, None, None)
+

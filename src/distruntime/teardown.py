@@ -1,0 +1,146 @@
+"""Leaving the distributed world: signals, environment, bounded group shutdown.
+
+* SIGTERM (torchrun's stop, SLURM's preemption) normally kills Python without running
+  ``finally`` blocks. While a runtime is active it raises :class:`SignalExit` instead,
+  so the ``with`` block unwinds and teardown runs. Handlers are installed only from the
+  main thread, and the exact previous handler is put back afterwards. When a runtime
+  is closed from another thread (where ``signal.signal`` is not allowed) the handler
+  stays installed but inert: it hands the signal to the previous handler.
+* Variables the runtime exported are removed or reset to what they were.
+* Destroying the group never waits on peers: on the failure path NCCL groups are
+  aborted rather than destroyed, and every shutdown runs in a helper thread with a
+  deadline, abandoned with a warning if it would block.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import torch.distributed as dist
+
+from distruntime.errors import SignalExit
+
+__all__ = ["EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
+
+logger = logging.getLogger("distruntime")
+
+_Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+class SignalScope:
+    """Turns SIGTERM into :class:`SignalExit` while active; restores what it found."""
+
+    signals = (signal.SIGTERM,)
+
+    def __init__(self) -> None:
+        self._previous: dict[int, _Handler] = {}
+        self.active = False
+
+    def __repr__(self) -> str:
+        return f"SignalScope(active={self.active}, installed={sorted(self._previous)})"
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.debug("not on the main thread: SIGTERM keeps its current handler")
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.getsignal(signum)
+            signal.signal(signum, self._handle)
+        self.active = True
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.active:
+            self.active = False  # a second signal during unwinding goes to the old handler
+            logger.warning("received %s: unwinding the distributed runtime", signal.Signals(signum).name)
+            raise SignalExit(signum)
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            # SIG_DFL (or a handler set from C, reported as None): re-deliver it.
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    def restore(self) -> None:
+        self.active = False
+        if threading.current_thread() is not threading.main_thread():
+            if self._previous:
+                logger.debug("closed off the main thread: SIGTERM handler left inert")
+            return
+        for signum, previous in self._previous.items():
+            if signal.getsignal(signum) == self._handle:  # the user may have replaced it since
+                signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+
+@dataclass
+class EnvPatch:
+    """Variables exported for libraries that read the torch names; undone on exit."""
+
+    added: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def export_missing(cls, values: Mapping[str, str]) -> EnvPatch:
+        """Set each variable that is not already set; never overwrite one."""
+        patch = cls()
+        for name, value in values.items():
+            if name not in os.environ:
+                os.environ[name] = value
+                patch.added[name] = value
+                logger.debug("exported %s=%s", name, value)
+        return patch
+
+    def restore(self) -> None:
+        for name, value in self.added.items():
+            if os.environ.get(name) == value:
+                del os.environ[name]
+                logger.debug("removed %s", name)
+        self.added.clear()
+
+
+def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
+    """Run ``fn`` in a daemon thread; give up after ``timeout_s`` with a warning.
+
+    Returns True when ``fn`` finished (errors are logged, not raised: teardown must go
+    on), False when it was abandoned.
+    """
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except BaseException as exc:  # teardown reports, never raises
+            errors.append(exc)
+
+    worker = threading.Thread(target=target, name=f"distruntime-{what}", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if worker.is_alive():
+        logger.warning("%s did not finish within %.1fs; abandoned so the process can exit", what, timeout_s)
+        return False
+    if errors:
+        logger.warning("%s failed: %s: %s", what, type(errors[0]).__name__, errors[0])
+    return True
+
+
+def shutdown_group(failed: bool, timeout_s: float) -> None:
+    """Destroy (success) or abort (failure, NCCL) the default group, bounded in time."""
+    if not dist.is_initialized():
+        return
+    backend = str(dist.get_backend())
+    abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if failed and "nccl" in backend and abort is not None:
+        # destroy on NCCL can wait on peers stuck in a collective (torchtitan#1342).
+        # After an abort the group object is dead; destroy only unregisters it.
+        if not run_bounded(abort, timeout_s, "abort of the NCCL process group"):
+            return
+    # gloo's destroy is local: it closes this rank's sockets, which makes peers blocked
+    # in a collective with it fail at once rather than at the collective timeout.
+    run_bounded(dist.destroy_process_group, timeout_s, "destroy_process_group")
