@@ -164,6 +164,7 @@ class DistributedRuntime:
         self._store = store
         # One entry per __enter__ still open: "owner", "nested" or "adopted".
         self._entries: list[Literal["owner", "nested", "adopted"]] = []
+        # idle -> initialising -> active -> tearing down -> idle (entered again freely).
         self._state = "idle"
 
     def __repr__(self) -> str:
@@ -208,23 +209,24 @@ class DistributedRuntime:
         with _REGISTRY.lock:
             if not self._entries:
                 return
-            role = self._entries.pop()
+            self._entries.pop()
             session = _REGISTRY.session
             if session is None:  # closed already (e.g. by atexit)
                 return
+            # The last one out closes the session: with nesting in one thread that is
+            # the owner; across threads the owner may leave first, and then waits for
+            # nobody -- the group lives until the last runtime using it has left.
             session.depth -= 1
-            if role == "nested":
-                return
             if session.depth > 0:
-                logger.warning("closing a runtime while %d nested entries are still open", session.depth)
-            _REGISTRY.session = None
-            if role == "adopted":
                 return
-            self._state = "tearing down"
+            _REGISTRY.session = None
+            if session.owner is None:  # adopted: the group belongs to someone else
+                return
+            self._state = session.owner._state = "tearing down"
             try:
                 peer_error = _close(session, exc, self.teardown_timeout_s)
             finally:
-                self._state = "idle"
+                self._state = session.owner._state = "idle"
         if peer_error is not None:
             raise peer_error from exc
 
