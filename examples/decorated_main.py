@@ -29,7 +29,9 @@ def main(fail_rank: int | None) -> None:
         raise ValueError(f"rank {info.rank} failed on purpose (--fail-rank)")
     dist.all_reduce(total)
     expected = info.world_size * (info.world_size - 1) / 2
-    log.info("rank %d/%d: sum of ranks %.0f (expected %.0f)", info.rank, info.world_size, total.item(), expected)
+    log.info(
+        "rank %d/%d: sum of ranks %.0f (expected %.0f)", info.rank, info.world_size, total.item(), expected
+    )
     if total.item() != expected:
         raise RuntimeError(f"all_reduce gave {total.item()}, expected {expected}")
 

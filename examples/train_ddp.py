@@ -42,7 +42,8 @@ def main() -> int:
 
     with DistributedRuntime("auto", timeout_minutes=2) as info:
         torch.manual_seed(1234)  # same initial weights everywhere (DDP also broadcasts them)
-        model = DistributedDataParallel(nn.Sequential(nn.Linear(args.features, 64), nn.ReLU(), nn.Linear(64, 1)))
+        net = nn.Sequential(nn.Linear(args.features, 64), nn.ReLU(), nn.Linear(64, 1))
+        model = DistributedDataParallel(net)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
         x, y = make_shard(info.rank, info.world_size, args.samples, args.features)
         started = time.perf_counter()

@@ -151,7 +151,8 @@ def test_train_ddp_example_converges() -> None:
 
 
 def test_decorated_main_example() -> None:
-    result = run([TORCHRUN, "--nproc-per-node", "2", str(REPO / "examples" / "decorated_main.py")], JOB_TIMEOUT_S)
+    example = str(REPO / "examples" / "decorated_main.py")
+    result = run([TORCHRUN, "--nproc-per-node", "2", example], JOB_TIMEOUT_S)
     assert result.returncode == 0, result.output
     assert result.stderr.count("sum of ranks 1 (expected 1)") == 2
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,8 +20,8 @@ from distruntime import (
     DistRuntimeError,
     GroupMismatchError,
     SignalExit,
+    init_utils,
 )
-from distruntime import init_utils
 
 
 def test_context_manager_initialises_and_tears_down() -> None:
@@ -66,8 +67,8 @@ def test_decorator_and_current() -> None:
         distruntime.current()
 
 
-def test_decorator_writes_torchelastic_error_file(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    error_file = os.path.join(str(tmp_path), "error.json")
+def test_decorator_writes_torchelastic_error_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    error_file = str(tmp_path / "error.json")
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", error_file)
 
     @DistributedRuntime("gloo", env={})

@@ -44,8 +44,8 @@ def expand_tasks_per_node(spec: str, *, variable: str = "SLURM_TASKS_PER_NODE") 
         [2, 2, 1]
     """
     counts: list[int] = []
-    for item in spec.split(","):
-        item = item.strip()
+    for raw_item in spec.split(","):
+        item = raw_item.strip()
         count, sep, rest = item.partition("(x")
         repeat = "1"
         if sep:

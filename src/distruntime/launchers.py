@@ -93,7 +93,7 @@ class _Reader:
         """The first of ``names`` that is set (non-empty)."""
         return next((n for n in names if self.env.get(n, "").strip()), None)
 
-    def int(self, field: str, names: tuple[str, ...], *, minimum: int = 0) -> int | None:
+    def integer(self, field: str, names: tuple[str, ...], *, minimum: int = 0) -> int | None:
         """Parse the first set variable of ``names`` as an int >= ``minimum``."""
         name = self.first(names)
         if name is None:
@@ -115,7 +115,7 @@ class _Reader:
         return value
 
     def need_int(self, field: str, names: tuple[str, ...], *, minimum: int = 0) -> int:
-        value = self.int(field, names, minimum=minimum)
+        value = self.integer(field, names, minimum=minimum)
         if value is None:
             raise LaunchEnvError(
                 f"{' or '.join(names)} is not set, but {self.launcher} needs it for this "
@@ -139,7 +139,7 @@ class _Reader:
 
     def port(self, *job_ids: str) -> int | None:
         """``MASTER_PORT`` if set; else a port derived from the job's id variables."""
-        port = self.int("master_port", ("MASTER_PORT",), minimum=1)
+        port = self.integer("master_port", ("MASTER_PORT",), minimum=1)
         if port is not None:
             if port > 65535:
                 raise LaunchEnvError(
@@ -223,8 +223,8 @@ def _torchrun(env: Mapping[str, str]) -> LaunchEnv | None:
     world = r.need_int("world_size", (_TORCHRUN_VARS["world_size"],), minimum=1)
     local_rank = r.need_int("local_rank", (_TORCHRUN_VARS["local_rank"],))
     local_world = r.need_int("local_world_size", (_TORCHRUN_VARS["local_world_size"],), minimum=1)
-    node_rank = r.int("node_rank", (_TORCHRUN_VARS["node_rank"],))
-    num_nodes = r.int("num_nodes", (_TORCHRUN_VARS["num_nodes"],), minimum=1)
+    node_rank = r.integer("node_rank", (_TORCHRUN_VARS["node_rank"],))
+    num_nodes = r.integer("num_nodes", (_TORCHRUN_VARS["num_nodes"],), minimum=1)
     if node_rank is None or num_nodes is None:
         node_rank, num_nodes = _node_layout(r, rank, world, local_world)
     addr = r.address(None, "")
@@ -424,14 +424,14 @@ def _hand_set(env: Mapping[str, str]) -> LaunchEnv | None:
     r = _Reader(env, "env")
     rank = r.need_int("rank", ("RANK",))
     world = r.need_int("world_size", ("WORLD_SIZE",), minimum=1)
-    local_rank = r.int("local_rank", ("LOCAL_RANK",))
-    local_world = r.int("local_world_size", ("LOCAL_WORLD_SIZE",), minimum=1)
+    local_rank = r.integer("local_rank", ("LOCAL_RANK",))
+    local_world = r.integer("local_world_size", ("LOCAL_WORLD_SIZE",), minimum=1)
     if local_rank is None or local_world is None:
         # One process per node/pod, as Kubeflow's PyTorchJob runs it.
         local_rank = r.derived("local_rank", 0, "default: one process per node (no LOCAL_RANK)")
         local_world = r.derived("local_world_size", 1, "default: one process per node")
-    node_rank = r.int("node_rank", ("NODE_RANK", "GROUP_RANK"))
-    num_nodes = r.int("num_nodes", ("NNODES", "GROUP_WORLD_SIZE"), minimum=1)
+    node_rank = r.integer("node_rank", ("NODE_RANK", "GROUP_RANK"))
+    num_nodes = r.integer("num_nodes", ("NNODES", "GROUP_WORLD_SIZE"), minimum=1)
     if node_rank is None or num_nodes is None:
         node_rank, num_nodes = _node_layout(r, rank, world, local_world)
     addr = r.address(None, "")
@@ -511,10 +511,7 @@ def discover(env: Mapping[str, str]) -> LaunchEnv:
     if found is None:
         hand = _hand_set(env)
         external = next((e for _, unit in _EXTERNAL_LAUNCHERS if (e := unit(env)) is not None), None)
-        if hand is not None and external is not None:
-            found = _merge(hand, external)
-        else:
-            found = hand or external
+        found = _merge(hand, external) if hand and external else (hand or external)
     if found is None:
         if _slurm_batch_script(env):
             return _single_process(

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from distruntime.errors import RendezvousError
 from distruntime.launchers import LaunchEnv
@@ -37,7 +38,7 @@ _MAX_LISTED = 16
 class Rendezvous:
     """An open rendezvous: the namespaced store and whether this process hosts it."""
 
-    store: dist.Store
+    store: Store
     hosts_store: bool
     address: str
     launch: LaunchEnv
@@ -72,7 +73,7 @@ def open_rendezvous(
     launch: LaunchEnv,
     deadline: float,
     namespace: str,
-    store: dist.Store | None = None,
+    store: Store | None = None,
 ) -> Rendezvous:
     """Connect to (or, on rank 0, host) the rendezvous store and check in.
 
@@ -87,19 +88,19 @@ def open_rendezvous(
         store, hosts_store = _connect(launch, deadline)
     else:
         address = "the store given to DistributedRuntime"
-    rdzv = Rendezvous(dist.PrefixStore(namespace, store), hosts_store, address, launch, started)
+    rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started)
     _check_in(rdzv, deadline)
     return rdzv
 
 
-def _connect(launch: LaunchEnv, deadline: float) -> tuple[dist.Store, bool]:
+def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     assert launch.master_addr is not None and launch.master_port is not None  # validated by discover
     host, port = launch.master_addr, launch.master_port
     _check_resolvable(launch, host, port)
     is_host = launch.rank == 0 and not launch.agent_store
     waited = _seconds_left(deadline)
     try:
-        store = dist.TCPStore(
+        store = TCPStore(
             host, port, is_master=is_host, timeout=timedelta(seconds=waited), wait_for_workers=False
         )
     except dist.DistNetworkError as exc:
@@ -120,7 +121,7 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[dist.Store, bool]:
     return store, is_host
 
 
-def _abort(store: dist.Store, phase: str, message: str) -> None:
+def _abort(store: Store, phase: str, message: str) -> None:
     """Wake every rank waiting in ``phase`` with an error instead of a timeout."""
     store.compare_set(f"{phase}/go", "", f"abort:{message}")
 

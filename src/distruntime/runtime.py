@@ -20,10 +20,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import torch
 import torch.distributed as dist
+from torch._C._distributed_c10d import HashStore, PrefixStore, Store
 from typing_extensions import ParamSpec
 
 from distruntime.device import choose_backend, select_device
@@ -149,7 +150,7 @@ class DistributedRuntime:
         *,
         collective_timeout_minutes: float | None = None,
         env: Mapping[str, str] | None = None,
-        store: dist.Store | None = None,
+        store: Store | None = None,
         bind_device_id: bool | None = None,
         teardown_timeout_s: float = 30.0,
     ) -> None:
@@ -250,7 +251,7 @@ class DistributedRuntime:
                 # Imported only here: torch.distributed.elastic costs import time.
                 from torch.distributed.elastic.multiprocessing.errors import record
 
-                return record(run_in_runtime)(*args, **kwargs)
+                return cast(R, record(run_in_runtime)(*args, **kwargs))
             return run_in_runtime(*args, **kwargs)
 
         return wrapper
@@ -315,11 +316,11 @@ class DistributedRuntime:
         device_id = info.device if bind and info.device.type != "cpu" else None
         if launch.world_size == 1 and self._store is None:
             # One process: an in-process store, no port opened.
-            store: dist.Store = dist.HashStore()
+            store: Store = HashStore()
         else:
             namespace = f"distruntime/{launch.run_id}/{_REGISTRY.generation}"
             session.rendezvous = open_rendezvous(launch, deadline, namespace, self._store)
-            store = dist.PrefixStore("pg", session.rendezvous.store)
+            store = PrefixStore("pg", session.rendezvous.store)
         dist.init_process_group(
             info.backend, store=store, rank=info.rank, world_size=info.world_size,
             timeout=timeout, device_id=device_id,
@@ -364,7 +365,8 @@ def _check_compatible(info: DistInfo, backend: str, launch: LaunchEnv) -> None:
             )
     if launch.launcher == "none":
         return  # the environment says nothing to contradict
-    for name, live, expected in (("rank", info.rank, launch.rank), ("world_size", info.world_size, launch.world_size)):
+    pairs = (("rank", info.rank, launch.rank), ("world_size", info.world_size, launch.world_size))
+    for name, live, expected in pairs:
         if live != expected:
             raise GroupMismatchError(
                 f"the live process group has {name}={live}, but {launch.source(name)}={expected} "

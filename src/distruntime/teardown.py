@@ -139,7 +139,8 @@ def shutdown_group(failed: bool, timeout_s: float) -> None:
     if failed and "nccl" in backend and abort is not None:
         # destroy on NCCL can wait on peers stuck in a collective (torchtitan#1342).
         # After an abort the group object is dead; destroy only unregisters it.
-        if not run_bounded(abort, timeout_s, "abort of the NCCL process group"):
+        aborted = run_bounded(abort, timeout_s, "abort of the NCCL process group")
+        if not aborted:
             return
     # gloo's destroy is local: it closes this rank's sockets, which makes peers blocked
     # in a collective with it fail at once rather than at the collective timeout.
