@@ -108,7 +108,7 @@ def test_exception_on_one_rank_ends_every_rank_within_10s() -> None:
             assert "ValueError: rank 2 failed on purpose" in outcome.stderr  # the root traceback
         else:
             assert "PeerFailureError" in outcome.stderr, outcome.output
-            assert "rank 2: ValueError: rank 2 failed on purpose" in outcome.stderr
+            assert "rank 2 failed first (ValueError: rank 2 failed on purpose)" in outcome.stderr
     # Every process had ended by the time the last finish() returned.
     assert ended_at - raised_at < 10, f"ranks took {ended_at - raised_at:.1f}s to exit"
 
@@ -117,8 +117,9 @@ def test_exception_under_torchrun_reaches_its_summary() -> None:
     example = str(REPO / "examples" / "decorated_main.py")
     result = run([TORCHRUN, "--nproc-per-node", "2", example, "--fail-rank", "1"], JOB_TIMEOUT_S)
     assert result.returncode != 0
+    # The root cause section shows rank 1's own error file, or (when both error files
+    # carry the same second and torchrun picks the lower rank) rank 0's, which names it.
     summary = result.stderr[result.stderr.index("Root Cause"):]
-    assert "rank      : 1" in summary
     assert "ValueError: rank 1 failed on purpose" in summary
 
 
@@ -140,7 +141,7 @@ def test_sigterm_inside_the_with_block_tears_down_and_exits_143() -> None:
     assert "received SIGTERM" in outcomes[1].stderr
     assert "EXIT group_alive=False" in outcomes[1].stdout  # teardown ran before exit
     assert outcomes[0].returncode != 0
-    assert "rank 1: terminated by signal 15" in outcomes[0].stderr, outcomes[0].output
+    assert "rank 1 failed first (terminated by signal 15)" in outcomes[0].stderr, outcomes[0].output
     assert time.monotonic() - signalled < 10
 
 

@@ -58,12 +58,15 @@ class PeerFailureError(DistRuntimeError):
     """Another rank failed; this rank stopped because of it.
 
     Attributes:
-        failed_ranks: the ranks that reported a failure, with their messages.
+        failed_ranks: the failed (or silent) ranks, with what is known of each.
+        root_reported: the failed rank reported its own exception (so its log, and
+            torchrun's summary, hold the root cause); False when it died or hung silently.
     """
 
-    def __init__(self, message: str, failed_ranks: dict[int, str]) -> None:
+    def __init__(self, message: str, failed_ranks: dict[int, str], *, root_reported: bool = False) -> None:
         super().__init__(message)
         self.failed_ranks = failed_ranks
+        self.root_reported = root_reported
 
 
 class SignalExit(SystemExit):

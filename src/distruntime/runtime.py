@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import atexit
 import functools
+import json
 import logging
 import os
 import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,12 +30,8 @@ from torch._C._distributed_c10d import HashStore, PrefixStore, Store
 from typing_extensions import ParamSpec
 
 from distruntime.device import choose_backend, select_device
-from distruntime.errors import (
-    DistRuntimeError,
-    GroupMismatchError,
-    PeerFailureError,
-    SignalExit,
-)
+from distruntime.errors import DistRuntimeError, GroupMismatchError, PeerFailureError
+from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
@@ -45,12 +43,6 @@ logger = logging.getLogger("distruntime")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-# How long a failing rank that hosts the store waits for peers to read its failure
-# record before its process may exit (taking the store with it).
-_FAILURE_LINGER_S = 3.0
-# Bound on each store operation made on the failure path (the store may be gone).
-_FAILURE_STORE_TIMEOUT = timedelta(seconds=2)
 
 
 @dataclass
@@ -224,20 +216,29 @@ class DistributedRuntime:
             if session.owner is None:  # adopted: the group belongs to someone else
                 return
             self._state = session.owner._state = "tearing down"
+            victim = exc is not None and is_peer_symptom(exc)
+            if isinstance(exc, Exception) and not victim:
+                _write_error_file(exc)  # first, so its timestamp is the job's earliest
             try:
                 peer_error = _close(session, exc, self.teardown_timeout_s)
             finally:
                 self._state = session.owner._state = "idle"
         if peer_error is not None:
-            raise peer_error from exc
+            peer_error.__cause__ = exc
+            # torchrun's summary shows the earliest error file (1 s resolution); should
+            # this one tie with the failed rank's, it still names the real cause.
+            _write_error_file(peer_error)
+            raise peer_error
+        if victim and isinstance(exc, Exception):
+            _write_error_file(exc)
 
     # ------------------------------------------------------------------ decorator
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
         """Decorate ``main``: run it inside this runtime.
 
         Inside, :func:`distruntime.current` returns the ``DistInfo``. Under torchrun an
-        uncaught exception is also written to ``TORCHELASTIC_ERROR_FILE`` (torch's own
-        ``record``), so torchrun's summary names the real error.
+        uncaught exception is written to ``TORCHELASTIC_ERROR_FILE`` (on exit from the
+        runtime, whichever form is used), so torchrun's summary names the real error.
         """
 
         @functools.wraps(fn)
@@ -245,16 +246,7 @@ class DistributedRuntime:
             with self:
                 return fn(*args, **kwargs)
 
-        @functools.wraps(fn)
-        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            if os.environ.get("TORCHELASTIC_ERROR_FILE"):
-                # Imported only here: torch.distributed.elastic costs import time.
-                from torch.distributed.elastic.multiprocessing.errors import record
-
-                return cast(R, record(run_in_runtime)(*args, **kwargs))
-            return run_in_runtime(*args, **kwargs)
-
-        return wrapper
+        return run_in_runtime
 
     # ------------------------------------------------------------------ internals
     def _environment(self) -> Mapping[str, str]:
@@ -331,6 +323,32 @@ class DistributedRuntime:
             barrier(session.rendezvous, "ready", deadline)
 
 
+def _write_error_file(exc: Exception) -> None:
+    """Write ``exc`` to ``TORCHELASTIC_ERROR_FILE`` when torchrun set it.
+
+    The JSON schema is torch's own (``ErrorHandler.record_exception``), which torchrun's
+    summary reads; written here because torch's takes the traceback from
+    ``sys.exc_info()``, the original exception rather than the one given.
+    """
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {
+        "message": {
+            "message": f"{type(exc).__name__}: {exc}",
+            "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+                "timestamp": str(int(time.time())),
+            },
+        }
+    }
+    try:
+        with open(path, "w") as handle:
+            json.dump(data, handle)
+    except OSError as error:  # never hide the job's own exception
+        logger.warning("could not write TORCHELASTIC_ERROR_FILE=%s: %s", path, error)
+
+
 def _torch_at_least(*version: int) -> bool:
     parts = []
     for piece in torch.__version__.split("+")[0].split(".")[:3]:
@@ -397,66 +415,24 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
 def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
     """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
     session.signals.active = False  # a signal during teardown goes to the old handler
-    peer_error = None
+    peer_error: list[PeerFailureError | None] = [None]
     rdzv = session.rendezvous
     try:
         if exc is not None and rdzv is not None:
-            peer_error = _report_failure(rdzv, session.info.rank, exc)
+            # Before the shutdown: peers learn who failed from this record when the
+            # shutdown breaks their collectives.
+            def report() -> None:
+                peer_error[0] = report_failure(rdzv, session.info.rank, exc)
+
+            run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
         if exc is not None and rdzv is not None and rdzv.hosts_store:
-            _linger_for_peers(rdzv)
+            run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
     finally:
         session.signals.restore()
         session.env_patch.restore()
     logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
-    return peer_error
-
-
-def _report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailureError | None:
-    """Tell peers this rank failed, or learn that a peer failed first."""
-    failures: dict[int, str] = {}
-
-    def exchange() -> None:
-        store = rdzv.store
-        store.set_timeout(_FAILURE_STORE_TIMEOUT)
-        for index in range(int(store.add("failed/count", 0))):
-            other, _, message = store.get(f"failed/{index}").decode().partition("|")
-            failures[int(other)] = message
-        failures.pop(rank, None)
-        if not failures and not isinstance(exc, PeerFailureError):
-            index = int(store.add("failed/count", 1)) - 1
-            store.set(f"failed/{index}", f"{rank}|{_describe(exc)}")
-        else:
-            store.add("failed/acks", 1)
-
-    run_bounded(exchange, _FAILURE_STORE_TIMEOUT.total_seconds() * 3, "failure report to peers")
-    if not failures or isinstance(exc, (SignalExit, KeyboardInterrupt)):
-        return None
-    named = "; ".join(f"rank {r}: {m}" for r, m in sorted(failures.items()))
-    return PeerFailureError(
-        f"rank {rank} stopped because another rank failed first ({named}). The failed "
-        f"rank's own log has the full traceback; this rank's error was: {_describe(exc)}",
-        failures,
-    )
-
-
-def _linger_for_peers(rdzv: Rendezvous) -> None:
-    """The store host leaving at once would hide its failure record from peers."""
-    others = rdzv.launch.world_size - 1
-    deadline = time.monotonic() + _FAILURE_LINGER_S
-
-    def wait_for_acks() -> None:
-        while time.monotonic() < deadline and int(rdzv.store.add("failed/acks", 0)) < others:
-            time.sleep(0.05)
-
-    run_bounded(wait_for_acks, _FAILURE_LINGER_S + 1, "waiting for peers to read the failure")
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, SignalExit):
-        return f"terminated by signal {exc.signum}"
-    text = str(exc).splitlines()[0][:300] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return peer_error[0]
 
 
 # ---------------------------------------------------------------------- process-wide
