@@ -114,6 +114,7 @@ do_exec() {
   esac
   ns_exists "${NS[$((i - 1))]}" || die "namespace ${NS[$((i - 1))]} missing: run '$0 up' first"
   # timeout: whole command bounded; unshare --uts: own hostname for this node.
+  # shellcheck disable=SC2016  # $0/$@ expand in the inner sh, on purpose
   exec timeout --kill-after=5 -s TERM "$EXEC_TIMEOUT" \
     ip netns exec "${NS[$((i - 1))]}" unshare --uts -- \
     sh -c 'hostname "$0" && exec "$@"' "node$i" "$@"

@@ -47,7 +47,7 @@ need_tools() {
 }
 
 alive() { [ -n "${1:-}" ] && kill -0 "$1" 2>/dev/null; }
-pid_of() { [ -s "$1" ] && tr -dc '0-9' < "$1" || true; }
+pid_of() { if [ -s "$1" ]; then tr -dc '0-9' < "$1"; fi; }
 
 munge_ok() { bounded 5 munge -n 2>/dev/null | bounded 5 unmunge >/dev/null 2>&1; }
 
@@ -200,10 +200,11 @@ down_locked() {
   log "stopping slurmd n1, slurmd n2, slurmctld: pids ${daemons[*]}"
   stop_pids "${daemons[@]}"
   # leftovers of jobs: our slurmstepds and everything below them
-  local steps; steps=$(our_stepds)
+  local steps; steps=$(our_stepds | tr "\n" " ")
   if [ -n "$steps" ]; then
+    local kids
     # shellcheck disable=SC2086
-    local kids; kids=$(descendants $steps)
+    kids=$(descendants $steps)
     log "killing leftover slurmstepd $steps ${kids:+and tasks $kids}"
     # shellcheck disable=SC2086
     kill -TERM $steps $kids 2>/dev/null || true
