@@ -95,13 +95,30 @@ def _whereabouts(store: Store, rank: int) -> tuple[str, int]:
 
 
 def _pid_gone(pid: int) -> bool:
+    """Whether a local pid has exited (a zombie not yet reaped by its parent counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            state = handle.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("Z", "X")
+
+
+def _exited_ranks(store: Store, ranks: list[int], known: dict[int, str]) -> dict[int, str]:
+    """Of ``ranks``, those on this host whose process is gone, with a description."""
+    here = socket.gethostname()
+    for other in ranks:
+        if other not in known:
+            host, pid = _whereabouts(store, other)
+            if host == here and _pid_gone(pid):
+                known[other] = f"exited without reporting an error (pid {pid} on {host} is gone)"
+    return known
 
 
 def report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailureError | None:
@@ -130,7 +147,6 @@ def report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailu
 def _find_cause(rdzv: Rendezvous, rank: int, exc: BaseException, world: int) -> PeerFailureError:
     store = rdzv.store
     deadline = time.monotonic() + PEER_WINDOW_S
-    here = socket.gethostname()
     exited: dict[int, str] = {}
     while True:
         records = _records(store)
@@ -144,16 +160,14 @@ def _find_cause(rdzv: Rendezvous, rank: int, exc: BaseException, world: int) -> 
                 root_reported=True,
             )
         silent = [r for r in range(world) if r not in {rec.rank for rec in records}]
-        for other in silent:
-            if other not in exited:
-                host, pid = _whereabouts(store, other)
-                if host == here and _pid_gone(pid):
-                    exited[other] = f"exited without reporting an error (pid {pid} on {host} is gone)"
-        if (silent and all(r in exited for r in silent)) or time.monotonic() >= deadline:
+        _exited_ranks(store, silent, exited)
+        # A rank that exited without a word is the cause: the other silent ranks are
+        # alive and most likely still blocked with it, not at fault.
+        if exited or time.monotonic() >= deadline:
             break
         time.sleep(0.05)
-    suspects = {r: exited.get(r, "alive but never reported: it hangs or has not reached this point")
-                for r in silent}
+    suspects = exited or {r: "alive but never reported: it hangs or has not reached this point"
+                          for r in silent}
     named = "; ".join(f"rank {r} {what}" for r, what in sorted(suspects.items()))
     return PeerFailureError(
         f"{named or 'every rank reported only peer errors'}; rank {rank} stopped because of it. "
@@ -167,8 +181,13 @@ def linger_for_peers(rdzv: Rendezvous) -> None:
     """Keep the store (hosted here) up until every peer reported, at most ``LINGER_S``."""
     deadline = time.monotonic() + LINGER_S
     world = rdzv.launch.world_size
+    exited: dict[int, str] = {}
     try:
-        while time.monotonic() < deadline and int(rdzv.store.add("failed/count", 0)) < world:
+        while time.monotonic() < deadline:
+            reported = {record.rank for record in _records(rdzv.store)}
+            silent = [r for r in range(world) if r not in reported]
+            if len(_exited_ranks(rdzv.store, silent, exited)) >= len(silent):
+                return
             time.sleep(0.05)
     except dist.DistError as error:
         logger.debug("stopped waiting for peers: %s", error)

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -99,10 +100,36 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     _check_resolvable(launch, host, port)
     is_host = launch.rank == 0 and not launch.agent_store
     waited = _seconds_left(deadline)
-    try:
-        store = TCPStore(
-            host, port, is_master=is_host, timeout=timedelta(seconds=waited), wait_for_workers=False
+    if not is_host and not _wait_for_listener(host, port, deadline):
+        raise _unreachable(launch, host, port, waited)
+    made: list[TCPStore] = []
+    failed: list[BaseException] = []
+
+    def construct() -> None:
+        try:
+            made.append(TCPStore(
+                host, port, is_master=is_host, timeout=timedelta(seconds=_seconds_left(deadline)),
+                wait_for_workers=False,
+            ))
+        except BaseException as error:
+            failed.append(error)
+
+    # A client whose port is held by a program that accepts but never answers blocks in
+    # TCPStore's handshake with no timeout at all; the thread bounds it (it releases the
+    # GIL, and a daemon thread stuck there does not keep the process alive).
+    builder = threading.Thread(target=construct, name="distruntime-store", daemon=True)
+    builder.start()
+    builder.join(_seconds_left(deadline) + 1.0)
+    if made:
+        return made[0], is_host
+    if not failed:
+        raise RendezvousError(
+            f"rank {launch.rank}: something listens at {host}:{port} but does not answer as a "
+            f"rendezvous store within {waited:.1f}s: MASTER_PORT={port} is probably held by "
+            "another program (rank 0 then reports it in use). Fix: choose another MASTER_PORT."
         )
+    try:
+        raise failed[0]
     except dist.DistNetworkError as exc:
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
             raise RendezvousError(
@@ -111,14 +138,34 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
                 "(another job or program holds it). Fix: choose another MASTER_PORT, or stop "
                 "the program listening on it (`ss -ltnp | grep :PORT` shows which)."
             ) from None
-        host_desc = "torchrun's agent" if launch.agent_store else "rank 0"
-        raise RendezvousError(
-            f"rank {launch.rank} on {socket.gethostname()} could not reach the rendezvous store "
-            f"at {host}:{port} within {waited:.1f}s: {host_desc}, which hosts it, never came up "
-            f"(missing rank: 0), or {host} is unreachable from here. Fix: check {host_desc}'s log "
-            f"for an earlier error, and that MASTER_ADDR={host!r} is rank 0's address."
-        ) from None
-    return store, is_host
+        raise _unreachable(launch, host, port, waited) from None
+
+
+def _wait_for_listener(host: str, port: int, deadline: float) -> bool:
+    """Poll until something listens at ``host:port``, or the deadline passes.
+
+    TCPStore's own connect loop backs off past its timeout (a 6 s timeout took 10 s
+    here); this loop keeps the start-up bound exact.
+    """
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        try:
+            with socket.create_connection((host, port), timeout=min(left, 1.0)):
+                return True
+        except OSError:
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+
+def _unreachable(launch: LaunchEnv, host: str, port: int, waited: float) -> RendezvousError:
+    host_desc = "torchrun's agent" if launch.agent_store else "rank 0"
+    return RendezvousError(
+        f"rank {launch.rank} on {socket.gethostname()} could not reach the rendezvous store "
+        f"at {host}:{port} within {waited:.1f}s: {host_desc}, which hosts it, never came up "
+        f"(missing rank: 0), or {host} is unreachable from here. Fix: check {host_desc}'s log "
+        f"for an earlier error, and that MASTER_ADDR={host!r} is rank 0's address."
+    )
 
 
 def _abort(store: Store, phase: str, message: str) -> None:

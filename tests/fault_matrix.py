@@ -1,0 +1,287 @@
+"""The fault-injection matrix: scenarios as data, and one runner for tests and benchmarks.
+
+Each scenario starts real ranks (hand-set env processes, torchrun, mp.spawn or Open MPI),
+injects one fault, and records every process's exit code, output and exit time. The
+runner bounds everything: past ``Scenario.bound_s`` (plus start-up) the whole process
+tree is killed and the outcome says so.
+
+``benchmarks/bench_reliability.py`` runs the same table several times and writes the
+measured time-to-exit into ``docs/reliability.md``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from procs import PYTHON, TORCHRUN, WORKERS, clean_env, free_port, kill_tree, rank_envs
+
+FAULT = str(WORKERS / "fault.py")
+FAULT_SPAWN = str(WORKERS / "fault_spawn.py")
+START_UP_S = 90.0  # allowance for imports on a loaded 2-core machine, before any fault
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One fault: where it happens, what every surviving rank must say, and the bound.
+
+    ``bound_s`` is the promise: from the fault (or, for start-up faults, from the ranks
+    entering the runtime) to every process having exited.
+    """
+
+    name: str
+    phase: str  # "start-up", "mid-job", "teardown", "bad env"
+    launcher: str  # "procs" (hand-set env), "torchrun", "spawn", "openmpi"
+    mode: str  # fault.py mode
+    world_size: int
+    expect: tuple[str, ...]  # substrings the combined output must contain
+    bound_s: float
+    fault_rank: int = -1
+    signal_rank: int | None = None  # the harness signals this rank once it is READY...
+    signal_number: int = 0  # ...with this signal
+    missing: tuple[int, ...] = ()  # procs: ranks never started
+    env: Mapping[int, Mapping[str, str]] = field(default_factory=dict)  # procs: per-rank extras
+    occupy_port: bool = False  # a foreign listener holds MASTER_PORT
+    timeout_minutes: float = 1.0
+    collective_timeout_minutes: float | None = None
+    expect_success: tuple[int, ...] = ()  # ranks that must exit 0 (all others non-zero)
+    kill_leftovers: bool = False  # a hung rank the harness must kill (it never exits itself)
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    returncodes: list[int | None]
+    output: str
+    seconds_to_exit: float  # from the fault (or runtime entry) to the last exit
+    timed_out: bool
+    orphans: list[int]
+    port_free: bool
+
+    def describe(self) -> str:
+        return (f"{self.scenario.name}: rcs={self.returncodes} exit={self.seconds_to_exit:.2f}s "
+                f"timed_out={self.timed_out} orphans={self.orphans}\n{self.output[-8000:]}")
+
+
+_TERM = signal.SIGTERM
+_KILL = signal.SIGKILL
+_INT = signal.SIGINT
+
+SCENARIOS: tuple[Scenario, ...] = (
+    # --- bad environment: one process, immediate
+    Scenario("bad env: RANK not an integer", "bad env", "procs", "ok", 1,
+             ("RANK='abc' is not a non-negative integer",), 5, env={0: {"RANK": "abc"}}),
+    Scenario("bad env: RANK without WORLD_SIZE", "bad env", "procs", "ok", 1,
+             ("WORLD_SIZE is not", "partial launch environment"), 5, env={0: {"WORLD_SIZE": ""}}),
+    Scenario("bad env: RANK >= WORLD_SIZE", "bad env", "procs", "ok", 1,
+             ("RANK=2 is not below WORLD_SIZE=1",), 5, env={0: {"RANK": "2"}}),
+    Scenario("bad env: LOCAL_RANK >= LOCAL_WORLD_SIZE", "bad env", "procs", "ok", 1,
+             ("LOCAL_RANK=3 is not below LOCAL_WORLD_SIZE=1",), 5, env={0: {"LOCAL_RANK": "3"}}),
+    # --- start-up
+    Scenario("missing rank", "start-up", "procs", "ok", 3,
+             ("missing ranks: 2", "joined (rank@host): 0@", "1@"), 7.5, missing=(2,), timeout_minutes=0.1),
+    Scenario("missing rank 0 (the store host)", "start-up", "procs", "ok", 2,
+             ("never came up (missing rank: 0)",), 7.5, missing=(0,), timeout_minutes=0.1),
+    Scenario("MASTER_PORT taken by another program", "start-up", "procs", "ok", 2,
+             ("is already in use",), 7.5, occupy_port=True, timeout_minutes=0.1),
+    Scenario("MASTER_ADDR does not resolve", "start-up", "procs", "ok", 2,
+             ("MASTER_ADDR='-no-such-host-' (from MASTER_ADDR) does not resolve",), 5,
+             env={0: {"MASTER_ADDR": "-no-such-host-"}, 1: {"MASTER_ADDR": "-no-such-host-"}}),
+    Scenario("two processes claim one rank", "start-up", "procs", "ok", 3,
+             ("rank 1 is claimed by two processes",), 7.5, timeout_minutes=0.1,
+             env={2: {"RANK": "1"}}),
+    Scenario("ranks disagree on WORLD_SIZE", "start-up", "procs", "ok", 2,
+             ("ranks disagree on the world size",), 7.5, timeout_minutes=0.1,
+             env={1: {"WORLD_SIZE": "3", "LOCAL_WORLD_SIZE": "3"}}),
+    # --- mid-job: a rank raises
+    Scenario("exception on rank 2", "mid-job", "procs", "raise", 4,
+             ("rank 2 failed first (ValueError: injected fault on rank 2)",), 10, fault_rank=2),
+    Scenario("exception on rank 0 (the store host)", "mid-job", "procs", "raise", 3,
+             ("rank 0 failed first (ValueError: injected fault on rank 0)",), 10, fault_rank=0),
+    Scenario("exception on rank 1", "mid-job", "torchrun", "raise", 4,
+             ("rank 1 failed first (ValueError: injected fault on rank 1)",), 10, fault_rank=1),
+    Scenario("exception on rank 1", "mid-job", "spawn", "raise", 3,
+             ("rank 1 failed first (ValueError: injected fault on rank 1)",), 10, fault_rank=1),
+    Scenario("exception on rank 1", "mid-job", "openmpi", "raise", 3,
+             ("rank 1 failed first (ValueError: injected fault on rank 1)",), 10, fault_rank=1),
+    # --- mid-job: a rank vanishes without a word
+    Scenario("os._exit on rank 2", "mid-job", "procs", "exit", 4,
+             ("rank 2 exited without reporting an error",), 10, fault_rank=2),
+    Scenario("os._exit on rank 1", "mid-job", "torchrun", "exit", 3,
+             ("exitcode  : 3",), 10, fault_rank=1),
+    Scenario("SIGKILL of rank 1", "mid-job", "procs", "wait", 3,
+             ("rank 1 exited without reporting an error",), 10, fault_rank=1,
+             signal_rank=1, signal_number=_KILL),
+    Scenario("SIGKILL of rank 0 (the store host)", "mid-job", "procs", "wait", 3,
+             ("rank 0, which hosts the rendezvous store", "is gone"), 10, fault_rank=0,
+             signal_rank=0, signal_number=_KILL),
+    Scenario("SIGKILL of rank 1", "mid-job", "torchrun", "wait", 3,
+             ("Signal 9 (SIGKILL) received",), 10, fault_rank=1, signal_rank=1, signal_number=_KILL),
+    # --- mid-job: signals the runtime handles
+    Scenario("SIGTERM to rank 1", "mid-job", "procs", "wait", 3,
+             ("received SIGTERM", "rank 1 failed first (terminated by signal 15)"), 10, fault_rank=1,
+             signal_rank=1, signal_number=_TERM),
+    Scenario("SIGINT (Ctrl-C) to rank 1", "mid-job", "procs", "wait", 3,
+             ("rank 1 failed first (KeyboardInterrupt)",), 10, fault_rank=1,
+             signal_rank=1, signal_number=_INT),
+    # --- mid-job: a rank hangs; peers fail at the collective timeout (6 s here)
+    Scenario("rank 2 hangs before a collective", "mid-job", "procs", "wait", 3,
+             ("rank 2 alive but never reported",), 6 + 10, fault_rank=2,
+             collective_timeout_minutes=0.1, kill_leftovers=True, expect_success=()),
+    # --- teardown
+    Scenario("rank 1 dies while the others tear down", "teardown", "procs", "exit-after", 3,
+             ("FAULT",), 10, fault_rank=1, expect_success=(0, 2)),
+)
+
+
+def _mark_dir(token: str) -> Path:
+    return Path("/tmp") / f"drt-fault-{token}"
+
+
+def _scenario_env(s: Scenario, token: str) -> dict[str, str]:
+    extra = {"FAULT_RANK": str(s.fault_rank), "TIMEOUT_MINUTES": str(s.timeout_minutes),
+             "DRT_SCENARIO": token, "OMP_NUM_THREADS": "1", "DRT_MARK_DIR": str(_mark_dir(token))}
+    if s.collective_timeout_minutes is not None:
+        extra["COLLECTIVE_TIMEOUT_MINUTES"] = str(s.collective_timeout_minutes)
+    return extra
+
+
+def _commands(s: Scenario, port: int, token: str) -> list[tuple[list[str], dict[str, str]]]:
+    extra = _scenario_env(s, token)
+    if s.launcher == "procs":
+        envs = rank_envs(s.world_size, port, **extra)
+        cmds = []
+        for rank, env in enumerate(envs):
+            if rank in s.missing:
+                continue
+            env.update(s.env.get(rank, {}))
+            cmds.append(([PYTHON, FAULT, s.mode], {k: v for k, v in env.items() if v != ""}))
+        return cmds
+    env = clean_env(**extra)
+    if s.launcher == "torchrun":
+        return [([TORCHRUN, "--nproc-per-node", str(s.world_size), "--monitor-interval", "0.1",
+                  FAULT, s.mode], env)]
+    if s.launcher == "spawn":
+        return [([PYTHON, FAULT_SPAWN, s.mode, str(s.world_size), str(port)], env)]
+    if s.launcher == "openmpi":
+        mpirun = ["mpirun.openmpi", "--allow-run-as-root", "--oversubscribe", "--mca", "oob_tcp_if_include",
+                  "lo", "--mca", "btl_tcp_if_include", "lo", "-np", str(s.world_size)]
+        passed = [arg for name in (*extra, "MASTER_PORT") for arg in ("-x", name)]
+        return [([*mpirun, *passed, PYTHON, FAULT, s.mode], {**env, "MASTER_PORT": str(port)})]
+    raise ValueError(f"unknown launcher {s.launcher!r}")
+
+
+def _processes_with_token(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if f"DRT_SCENARIO={token}".encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def _times(output: str, tag: str) -> list[float]:
+    return [float(line.split()[1]) for line in output.splitlines() if line.startswith(tag + " ")]
+
+
+def run_scenario(s: Scenario) -> Outcome:
+    """Run one scenario to the end, bounded by start-up allowance + ``s.bound_s``."""
+    token = uuid.uuid4().hex
+    _mark_dir(token).mkdir()
+    port = free_port()
+    blocker = None
+    if s.occupy_port:
+        blocker = socket.socket()
+        blocker.bind(("127.0.0.1", port))
+        blocker.listen()
+    procs = []
+    for cmd, env in _commands(s, port, token):
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, start_new_session=True))
+    outputs = [""] * len(procs)
+    ended: list[float | None] = [None] * len(procs)
+    hard_deadline = time.monotonic() + START_UP_S + s.bound_s
+    signalled_at: float | None = None
+    try:
+        if s.signal_rank is not None:
+            signalled_at = _signal_when_ready(s, token, hard_deadline)
+        for index, proc in enumerate(procs):
+            remaining = max(hard_deadline - time.monotonic(), 0.1)
+            if s.kill_leftovers and s.fault_rank == index and s.launcher == "procs":
+                continue  # the hung rank: reaped below, after its peers have exited
+            try:
+                outputs[index], _ = proc.communicate(timeout=remaining)
+                ended[index] = time.time()
+            except subprocess.TimeoutExpired:
+                kill_tree(proc)
+                outputs[index], _ = proc.communicate()
+        if s.kill_leftovers:
+            for index, proc in enumerate(procs):
+                if proc.returncode is None:
+                    kill_tree(proc)
+                    outputs[index], _ = proc.communicate()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                kill_tree(proc)
+        if blocker is not None:
+            blocker.close()
+        shutil.rmtree(_mark_dir(token), ignore_errors=True)
+    output = "\n".join(outputs)
+    start = _fault_time(s, output, signalled_at)
+    watched = [t for i, t in enumerate(ended) if not (s.kill_leftovers and i == s.fault_rank)]
+    counted = [t for t in watched if t is not None]
+    timed_out = len(counted) < len(watched)
+    time.sleep(0.2)  # let the kernel reap what was killed before looking for orphans
+    return Outcome(
+        scenario=s,
+        returncodes=[p.returncode for p in procs],
+        output=output,
+        seconds_to_exit=(max(counted) - start) if counted and start else float("nan"),
+        timed_out=timed_out,
+        orphans=_processes_with_token(token),
+        port_free=_port_free(port),
+    )
+
+
+def _fault_time(s: Scenario, output: str, signalled_at: float | None) -> float | None:
+    if signalled_at is not None:
+        return signalled_at
+    faults = _times(output, "FAULT")
+    if faults:
+        return min(faults)
+    enters = _times(output, "ENTER")
+    return max(enters) if enters else None
+
+
+def _signal_when_ready(s: Scenario, token: str, deadline: float) -> float:
+    """Signal the target rank once it is inside the runtime (it writes its pid then)."""
+    mark = _mark_dir(token) / f"fault-{s.signal_rank}"
+    while time.monotonic() < deadline:
+        if mark.exists() and mark.read_text():
+            os.kill(int(mark.read_text()), s.signal_number)
+            return time.time()
+        time.sleep(0.02)
+    raise TimeoutError(f"{s.name}: rank {s.signal_rank} never reached the fault point")

@@ -1,0 +1,32 @@
+"""Fault-injection suite: every scenario of tests/fault_matrix.py, with its bound.
+
+For each: every process ended within the scenario's bound (from the fault, or from
+entering the runtime for start-up faults), exit codes are non-zero where a fault
+happened, the output names the cause, no process of the scenario is left, and the
+rendezvous port is free again.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from fault_matrix import SCENARIOS, Scenario, run_scenario
+
+pytestmark = pytest.mark.processes
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[f"{s.launcher}: {s.name}" for s in SCENARIOS])
+def test_fault(scenario: Scenario) -> None:
+    outcome = run_scenario(scenario)
+    detail = outcome.describe()
+    assert not outcome.timed_out, detail
+    assert outcome.orphans == [], detail
+    assert outcome.port_free, detail
+    for rank, code in enumerate(outcome.returncodes):
+        if rank in scenario.expect_success:
+            assert code == 0, detail
+        else:
+            assert code != 0, detail
+    for text in scenario.expect:
+        assert text in outcome.output, f"missing {text!r}\n{detail}"
+    assert outcome.seconds_to_exit <= scenario.bound_s, detail
