@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -274,3 +275,24 @@ def test_destroy_global_state_from_a_worker_thread() -> None:
     current = signal.getsignal(signal.SIGTERM)
     assert current is sigterm or getattr(current, "__self__", None) is not None
     signal.signal(signal.SIGTERM, sigterm)
+
+
+def test_teardown_that_would_block_is_abandoned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    real_destroy = dist.destroy_process_group
+    release = threading.Event()
+
+    def blocking_destroy(group: object = None) -> None:
+        release.wait(60)  # stands in for a destroy stuck on a peer
+
+    monkeypatch.setattr(dist, "destroy_process_group", blocking_destroy)
+    runtime = DistributedRuntime("gloo", env={}, teardown_timeout_s=0.5)
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="distruntime"), runtime:
+        pass
+    assert time.monotonic() - started < 5
+    assert "destroy_process_group did not finish within 0.5s; abandoned" in caplog.text
+    release.set()
+    monkeypatch.setattr(dist, "destroy_process_group", real_destroy)
+    real_destroy()
