@@ -235,17 +235,17 @@ def run_scenario(s: Scenario) -> Outcome:
                 outputs[index], _ = proc.communicate(timeout=remaining)
                 ended[index] = time.time()
             except subprocess.TimeoutExpired:
-                kill_tree(proc)
+                kill_tree(proc.pid)
                 outputs[index], _ = proc.communicate()
         if s.kill_leftovers:
             for index, proc in enumerate(procs):
                 if proc.returncode is None:
-                    kill_tree(proc)
+                    kill_tree(proc.pid)
                     outputs[index], _ = proc.communicate()
     finally:
         for proc in procs:
             if proc.poll() is None:
-                kill_tree(proc)
+                kill_tree(proc.pid)
         if blocker is not None:
             blocker.close()
         shutil.rmtree(_mark_dir(token), ignore_errors=True)

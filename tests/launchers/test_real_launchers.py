@@ -32,9 +32,7 @@ from harness import (
     Placement,
     SlurmCluster,
     assert_ranks,
-    clean_env,
     ensure_installed,
-    free_port,
     job_context,
     mpich_prefix,
     netns_pair_cm,
@@ -48,6 +46,8 @@ from harness import (
     run_parallel_checked,
     slurm_cluster_cm,
 )
+
+from procs import clean_env, free_port
 
 pytestmark = pytest.mark.launchers
 
