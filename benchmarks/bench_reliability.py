@@ -45,6 +45,16 @@ def _row(s: Scenario, outcomes: list[Outcome]) -> str:
             f"{max(times):.2f} | {s.bound_s:g} | {kept}/{len(outcomes)} | `{cause[:70]}` |")
 
 
+def _merge_rows(old_table: str, rows: list[str]) -> str:
+    """Replace the rows of the re-run scenarios in an existing table (``--only``)."""
+    key = lambda row: row.split("|")[1:4]  # noqa: E731 - phase, scenario, launcher
+    fresh = {tuple(key(row)): row for row in rows}
+    lines = [fresh.pop(tuple(key(line)), line) if line.startswith("| ") else line
+             for line in old_table.splitlines()]
+    lines[0] += f" Rows re-measured {time.strftime('%Y-%m-%d %H:%M')}: {len(rows)}."
+    return "\n".join(lines + list(fresh.values()))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -71,7 +81,9 @@ def main() -> int:
     if str(args.write) != "-":
         text = args.write.read_text()
         head, _, rest = text.partition(_BEGIN)
-        _, _, tail = rest.partition(_END)
+        old, _, tail = rest.partition(_END)
+        if args.only and "| phase |" in old:
+            table = _merge_rows(old.strip("\n"), rows)
         args.write.write_text(f"{head}{_BEGIN}\n{table}\n{_END}{tail}")
         print(f"wrote {args.write}")
     return 0 if all(f" {args.repeats}/{args.repeats} |" in row for row in rows) else 1

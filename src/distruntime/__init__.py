@@ -9,6 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from distruntime.errors import (
     BackendUnavailableError,
     DeviceSelectionError,
@@ -19,16 +22,42 @@ from distruntime.errors import (
     RendezvousError,
     SignalExit,
 )
-from distruntime.info import DistInfo
-from distruntime.init_utils import (
-    destroy_global_state,
-    get_local_rank_preinit,
-    get_rank_safe,
-    get_world_size_safe,
-    initialize_distributed,
-)
 from distruntime.launchers import LaunchEnv, discover
-from distruntime.runtime import DistributedRuntime, current, is_active
+
+if TYPE_CHECKING:
+    from distruntime.info import DistInfo
+    from distruntime.init_utils import (
+        destroy_global_state,
+        get_local_rank_preinit,
+        get_rank_safe,
+        get_world_size_safe,
+        initialize_distributed,
+    )
+    from distruntime.runtime import DistributedRuntime, current, is_active
+
+# Names that need torch are imported on first use, so that merely installing the
+# package (whose pytest plugin pytest loads in every session) costs no torch import.
+_LAZY = {
+    "DistInfo": "distruntime.info",
+    "destroy_global_state": "distruntime.init_utils",
+    "get_local_rank_preinit": "distruntime.init_utils",
+    "get_rank_safe": "distruntime.init_utils",
+    "get_world_size_safe": "distruntime.init_utils",
+    "initialize_distributed": "distruntime.init_utils",
+    "DistributedRuntime": "distruntime.runtime",
+    "current": "distruntime.runtime",
+    "is_active": "distruntime.runtime",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'distruntime' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 
 __version__ = "0.1.0"
 

@@ -119,7 +119,7 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     # GIL, and a daemon thread stuck there does not keep the process alive).
     builder = threading.Thread(target=construct, name="distruntime-store", daemon=True)
     builder.start()
-    builder.join(_seconds_left(deadline) + 1.0)
+    builder.join(_seconds_left(deadline) + 0.2)
     if made:
         return made[0], is_host
     if not failed:
