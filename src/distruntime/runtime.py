@@ -30,7 +30,7 @@ from torch._C._distributed_c10d import HashStore, PrefixStore, Store
 from typing_extensions import ParamSpec
 
 from distruntime.device import choose_backend, select_device
-from distruntime.errors import DistRuntimeError, GroupMismatchError, PeerFailureError
+from distruntime.errors import BackendUnavailableError, DistRuntimeError, GroupMismatchError, PeerFailureError
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
@@ -374,7 +374,10 @@ def _torch_variables(launch: LaunchEnv) -> dict[str, str]:
 def _check_compatible(info: DistInfo, backend: str, launch: LaunchEnv) -> None:
     """A runtime joining a live group must not be asked for something else."""
     if backend.lower() != "auto":
-        wanted = choose_backend(backend, info.world_size, quiet=True).backend
+        try:
+            wanted = choose_backend(backend, info.world_size, quiet=True).backend
+        except BackendUnavailableError:
+            wanted = backend.lower()  # cannot run here at all; the mismatch is the news
         if wanted not in info.backend:
             raise GroupMismatchError(
                 f"a process group is already live with backend {info.backend!r}, but this "
