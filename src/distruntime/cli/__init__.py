@@ -29,7 +29,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 __all__ = ["main"]
@@ -85,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         >>> main(["--version"])  # doctest: +SKIP
         distruntime 0.1.0
     """
-    started = time.monotonic()
+    from distruntime.cli.doctor import process_started
+
+    started = process_started()
     parser = _parser()
     args = parser.parse_args(argv)
     if args.command == "env":
@@ -117,14 +118,15 @@ def _doctor(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
     except ValueError as exc:
         parser.error(str(exc))
     if args.timeout <= 0 or args.iters < 1 or args.warmup < 0 or args.factor < 2 or min_bytes > max_bytes:
-        parser.error("need --timeout > 0, --iters >= 1, --warmup >= 0, --factor >= 2, --min-bytes <= --max-bytes")
+        parser.error("need --timeout > 0, --iters >= 1, --warmup >= 0, --factor >= 2, "
+                     "--min-bytes <= --max-bytes")
     if args.nproc is not None and args.nproc < 1:
         parser.error(f"--nproc must be at least 1, got {args.nproc}")
     quiet = logging.WARNING if args.quiet else logging.INFO
 
     if args.nproc is not None:
         _configure_logging(quiet, "doctor --nproc")
-        return _doctor_local(args)
+        return _doctor_local(args, started)
 
     try:
         rank = discover(os.environ).rank
@@ -141,7 +143,7 @@ def _doctor(parser: argparse.ArgumentParser, args: argparse.Namespace, started: 
     return run_rank(options, started)
 
 
-def _doctor_local(args: argparse.Namespace) -> int:
+def _doctor_local(args: argparse.Namespace, started: float) -> int:
     from distruntime.cli.local import launch_local
     from distruntime.errors import LaunchEnvError
     from distruntime.launchers import discover
@@ -157,7 +159,8 @@ def _doctor_local(args: argparse.Namespace) -> int:
         logger.error(
             "--nproc %d: this process is already rank %d of %d under %s (%s); --nproc would start "
             "ranks inside a rank. Fix: drop --nproc and let the launcher start the ranks, or run "
-            "outside the launcher.", args.nproc, launch.rank, launch.world_size, launch.launcher, launch.reason,
+            "outside the launcher.",
+            args.nproc, launch.rank, launch.world_size, launch.launcher, launch.reason,
         )
         return 1
     child_args = ["--backend", args.backend or "gloo", "--min-bytes", args.min_bytes, "--max-bytes",
@@ -167,4 +170,4 @@ def _doctor_local(args: argparse.Namespace) -> int:
         child_args.append("--json")
     if args.quiet:
         child_args.append("--quiet")
-    return launch_local(args.nproc, child_args, args.timeout)
+    return launch_local(args.nproc, child_args, args.timeout, started=started)

@@ -15,6 +15,7 @@ Bandwidth follows nccl-tests: ``algbw = bytes / time`` and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ __all__ = [
     "bus_bandwidth",
     "iterations_for",
     "message_sizes",
+    "process_started",
     "run_rank",
 ]
 
@@ -48,6 +50,9 @@ EXIT_PORT_IN_USE = 75  # EX_TEMPFAIL
 EXIT_TIMEOUT = 124
 # Bytes each bandwidth size moves at most (iterations shrink for large messages).
 _BYTES_PER_SIZE = 256 * 1024**2
+# Reverse lookups slower than this are reported; probing stops at the limit.
+_LOOKUP_WARN_S = 0.5
+_LOOKUP_LIMIT_S = 2.0
 # Per-rank rows shown in the table; larger jobs are summarised.
 _MAX_RANK_ROWS = 64
 
@@ -74,7 +79,10 @@ class DoctorOptions:
 
 @dataclass(frozen=True)
 class Check:
-    """One row of the report: ``status`` is ``OK``, ``FAIL`` or ``INFO``."""
+    """One row of the report: ``status`` is ``OK``, ``FAIL``, ``WARN`` or ``INFO``.
+
+    Only ``FAIL`` makes the doctor exit non-zero.
+    """
 
     name: str
     status: str
@@ -162,6 +170,28 @@ class _Watchdog:
         os._exit(EXIT_TIMEOUT)
 
 
+def process_started() -> float:
+    """When this process started, on the ``time.monotonic()`` clock (Linux: from /proc;
+    elsewhere: now). Lets the doctor report start-up with interpreter and imports.
+
+    Example:
+        >>> import time
+        >>> process_started() <= time.monotonic()
+        True
+    """
+    now = time.monotonic()
+    try:
+        with open("/proc/self/stat", encoding="ascii") as f:
+            stat = f.read()
+        with open("/proc/uptime", encoding="ascii") as f:
+            uptime = float(f.read().split()[0])
+        ticks = int(stat[stat.rfind(")") + 2:].split()[19])  # field 22: starttime
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return now
+    return now - max(age, 0.0)
+
+
 def run_rank(options: DoctorOptions, started: float, env: Mapping[str, str] | None = None) -> int:
     """Run the doctor as one rank of the job the environment describes; returns the exit status.
 
@@ -184,40 +214,52 @@ def run_rank(options: DoctorOptions, started: float, env: Mapping[str, str] | No
         _emit(options, _failure(Check("launch environment", "FAIL", f"LaunchEnvError: {exc}")), None)
         return 1
 
-    deadline = started + options.timeout_s
-    watchdog = _Watchdog(deadline, launch.rank)
-    watchdog.start()
+    run = _Run(options, started, started + options.timeout_s, launch.rank, launch.world_size, launch.launcher)
+    if launch.world_size > 1:
+        run.rendezvous = f"{launch.master_addr}:{launch.master_port}"
+    run.watchdog.start()
     try:
-        return _run_checks(options, started, deadline, launch.rank, launch.world_size, environ, watchdog)
+        return _run_checks(run, environ)
     finally:
-        watchdog.stop()
+        run.watchdog.stop()
+
+
+@dataclass
+class _Run:
+    """One rank's doctor run: its options, bounds and results so far."""
+
+    options: DoctorOptions
+    started: float  # time.monotonic() at process start
+    deadline: float
+    rank: int
+    world_size: int
+    launcher: str
+    rendezvous: str | None = None
+    result: _Result = field(default_factory=_Result)
+    watchdog: _Watchdog = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.watchdog = _Watchdog(self.deadline, self.rank)
 
 
 def _failure(*checks: Check) -> _Result:
     return _Result(checks=list(checks))
 
 
-def _run_checks(
-    options: DoctorOptions,
-    started: float,
-    deadline: float,
-    rank: int,
-    world_size: int,
-    env: Mapping[str, str],
-    watchdog: _Watchdog,
-) -> int:
+def _run_checks(run: _Run, env: Mapping[str, str]) -> int:
     from distruntime.runtime import DistributedRuntime
 
-    remaining = max(deadline - time.monotonic(), 1.0)
+    options, result, rank = run.options, run.result, run.rank
+    remaining = max(run.deadline - time.monotonic(), 1.0)
     startup_limit = max(remaining / 2, 1.0)
     if rank == 0:
         logger.info(
             "starting %d rank(s) with backend %r (start-up bounded to %.0fs, whole run to %.0fs)",
-            world_size, options.backend, startup_limit, remaining,
+            run.world_size, options.backend, startup_limit, remaining,
         )
     t0 = time.monotonic()
-    result = _Result()
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = {"backend": f"{options.backend} (requested)", "world_size": run.world_size,
+                              "launcher": run.launcher, "rendezvous": run.rendezvous}
     try:
         with DistributedRuntime(
             options.backend,
@@ -228,18 +270,18 @@ def _run_checks(
             init_s = time.monotonic() - t0
             header = {"backend": info.backend, "world_size": info.world_size, "launcher": info.launcher,
                       "rendezvous": f"{info.master_addr}:{info.master_port}" if info.master_addr else None}
-            _inside(result, info, options, watchdog, init_s, time.monotonic() - started)
-            watchdog.phase = "teardown"
+            _inside(run, info, init_s)
+            run.watchdog.phase = "teardown"
             t_down = time.monotonic()
         teardown_s = time.monotonic() - t_down
         result.checks.append(Check("teardown", "INFO", f"rank {rank}: {teardown_s * 1e3:.0f} ms"))
     except (DistRuntimeError, RuntimeError, OSError) as exc:
-        phase = watchdog.phase
+        phase = run.watchdog.phase
         text = f"{type(exc).__name__}: {exc}"
         logger.error("rank %d failed during %s: %s", rank, phase, text)
         if rank == 0:
             result.checks.append(Check(phase, "FAIL", text))
-            _emit(options, result, header or None)
+            _emit(options, result, header)
         if isinstance(exc, RendezvousError) and "already in use" in str(exc):
             return EXIT_PORT_IN_USE
         return 1
@@ -248,16 +290,15 @@ def _run_checks(
     return 0 if result.ok else 1
 
 
-def _inside(
-    result: _Result, info: Any, options: DoctorOptions, watchdog: _Watchdog, init_s: float, since_start_s: float
-) -> None:
-    """The checks, run inside the runtime; each finished one is appended to ``result``."""
+def _inside(run: _Run, info: Any, init_s: float) -> None:
+    """The checks, run inside the runtime; each finished one is appended to ``run.result``."""
     import torch
     import torch.distributed as dist
 
+    result, watchdog = run.result, run.watchdog
     rank, world = info.rank, info.world_size
     if rank == 0:
-        logger.info("all %d rank(s) joined in %.2fs; gathering rank records", world, init_s)
+        logger.info("gathering rank records")
     watchdog.phase = "gathering rank records"
     record = {
         "rank": rank,
@@ -269,12 +310,14 @@ def _inside(
         "backend": info.backend,
         "torch": torch.__version__,
         "init_s": round(init_s, 4),
-        "since_start_s": round(since_start_s, 3),
+        "since_start_s": round(time.monotonic() - run.started, 3),
+        "reverse_lookup_s": _reverse_lookup_seconds(info.master_addr, info.master_port),
     }
     records: list[Any] = [None] * world
     dist.all_gather_object(records, record)
     result.ranks = sorted(records, key=lambda r: int(r["rank"]))
     result.checks += _identity_checks(result.ranks, world)
+    result.checks.append(_lookup_check(result.ranks))
     inits = [float(r["init_s"]) for r in result.ranks]
     starts = [float(r["since_start_s"]) for r in result.ranks]
     result.checks.append(Check(
@@ -297,15 +340,16 @@ def _inside(
         result.checks.append(Check("all_reduce correct", "OK", f"sum over {world} rank(s); {detail}"))
 
     watchdog.phase = "all_reduce bandwidth"
-    result.bandwidth = _bandwidth(info.device, world, rank, options, watchdog)
+    result.bandwidth = _bandwidth(run, info.device)
     if result.bandwidth:
         best = max(result.bandwidth, key=lambda row: row["busbw_gbps"])
         small = result.bandwidth[0]
-        result.checks.append(Check(
-            "all_reduce speed", "INFO",
-            f"latency {small['time_us']:.1f} us at {format_bytes(small['bytes'])}; peak busbw "
-            f"{best['busbw_gbps']:.3f} GB/s at {format_bytes(best['bytes'])}",
-        ))
+        peak = (
+            f"peak busbw {best['busbw_gbps']:.3f} GB/s at {format_bytes(best['bytes'])}" if world > 1
+            else "busbw is 0 for one rank (2(n-1)/n = 0)"
+        )
+        latency = f"latency {small['time_us']:.1f} us at {format_bytes(small['bytes'])}"
+        result.checks.append(Check("all_reduce speed", "INFO", f"{latency}; {peak}"))
 
 
 def _identity_checks(ranks: list[dict[str, Any]], world: int) -> list[Check]:
@@ -314,7 +358,8 @@ def _identity_checks(ranks: list[dict[str, Any]], world: int) -> list[Check]:
     duplicates = sorted({r for r in seen if seen.count(r) > 1})
     missing = sorted(set(range(world)) - set(seen))
     if duplicates or missing:
-        checks.append(Check("ranks joined", "FAIL", f"duplicated ranks {duplicates}, missing ranks {missing}"))
+        detail = f"duplicated ranks {duplicates}, missing ranks {missing}"
+        checks.append(Check("ranks joined", "FAIL", detail))
     else:
         checks.append(Check("ranks joined", "OK", f"{world}/{world} ranks, each rank exactly once"))
 
@@ -346,6 +391,52 @@ def _identity_checks(ranks: list[dict[str, Any]], world: int) -> list[Check]:
     else:
         checks.append(Check("same software", "OK", f"torch {versions[0]}, backend {backends[0]}"))
     return checks
+
+
+def _reverse_lookup_seconds(address: str | None, port: int | None) -> float | None:
+    """The slowest reverse lookup of the rendezvous address (IPv4 and IPv4-mapped IPv6),
+    in seconds, capped at ``_LOOKUP_LIMIT_S``; ``None`` for a single process.
+
+    torch's c10d formats socket addresses with ``getnameinfo`` (a reverse DNS lookup) on
+    every store connection, so a slow resolver slows every connection by as much.
+    """
+    if address is None or port is None:
+        return None
+    slowest = [0.0]
+
+    def probe() -> None:
+        try:
+            infos = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        except OSError:
+            return
+        ips = {str(info[4][0]) for info in infos}
+        ips |= {f"::ffff:{ip}" for ip in ips if ":" not in ip}
+        for ip in sorted(ips):
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):
+                socket.getnameinfo((ip, port), 0)
+            slowest[0] = max(slowest[0], time.monotonic() - t0)
+
+    worker = threading.Thread(target=probe, name="distruntime-doctor-lookup", daemon=True)
+    worker.start()
+    worker.join(_LOOKUP_LIMIT_S)
+    return round(_LOOKUP_LIMIT_S if worker.is_alive() else slowest[0], 4)
+
+
+def _lookup_check(ranks: list[dict[str, Any]]) -> Check:
+    times = {int(r["rank"]): r.get("reverse_lookup_s") for r in ranks}
+    measured = {rank: t for rank, t in times.items() if t is not None}
+    if not measured:
+        return Check("name lookups", "INFO", "single process: no rendezvous connection")
+    slow = sorted(rank for rank, t in measured.items() if t >= _LOOKUP_WARN_S)
+    worst = max(measured.values())
+    if slow:
+        return Check("name lookups", "WARN", (
+            f"reverse DNS of the rendezvous address took {worst:.1f}s"
+            f"{'+' if worst >= _LOOKUP_LIMIT_S else ''} on ranks {_ranges(slow)}; torch looks up "
+            "every store connection's address the same way and waits as long. "
+            "Fix: make the resolver answer, or list the address in /etc/hosts"))
+    return Check("name lookups", "OK", f"reverse DNS of the rendezvous address: at most {worst * 1e3:.1f} ms")
 
 
 def _ranges(ranks: list[int]) -> str:
@@ -386,9 +477,11 @@ def _all_reduce_correct(device: Any, rank: int, world: int) -> tuple[bool, str]:
     return True, "float64 ramps of 1, 4099 and 524288 elements exact"
 
 
-def _bandwidth(device: Any, world: int, rank: int, options: DoctorOptions, watchdog: _Watchdog) -> list[dict[str, Any]]:
+def _bandwidth(run: _Run, device: Any) -> list[dict[str, Any]]:
     import torch
     import torch.distributed as dist
+
+    options, watchdog, rank, world = run.options, run.watchdog, run.rank, run.world_size
 
     sizes = message_sizes(options.min_bytes, options.max_bytes, options.factor)
     rows: list[dict[str, Any]] = []
@@ -446,7 +539,8 @@ def render_report(result: _Result, header: Mapping[str, Any] | None, launched_by
                    f"launcher {header['launcher']}{by}{where}")
     else:
         out.append("distruntime doctor")
-    out += ["", render_table(["check", "result", "detail"], [[c.name, c.status, c.detail] for c in result.checks]), ""]
+    checks = [[c.name, c.status, c.detail] for c in result.checks]
+    out += ["", render_table(["check", "result", "detail"], checks), ""]
     if result.ranks:
         rows = [[r["rank"], r["host"], r["pid"], r["local_rank"], r["device"], f"{r['init_s']:.3f}"]
                 for r in result.ranks[:_MAX_RANK_ROWS]]
@@ -457,9 +551,9 @@ def render_report(result: _Result, header: Mapping[str, Any] | None, launched_by
     if result.bandwidth:
         rows = [[format_bytes(b["bytes"]), b["count"], b["dtype"], b["iters"], f"{b['time_us']:.1f}",
                  f"{b['algbw_gbps']:.3f}", f"{b['busbw_gbps']:.3f}"] for b in result.bandwidth]
+        headers = ["size", "count", "type", "iters", "time (us)", "algbw (GB/s)", "busbw (GB/s)"]
         out += ["all_reduce (sum; busbw = algbw * 2(n-1)/n, GB/s = 1e9 B/s; time: slowest rank)",
-                render_table(["size", "count", "type", "iters", "time (us)", "algbw (GB/s)", "busbw (GB/s)"], rows),
-                ""]
+                render_table(headers, rows), ""]
     failed = [c.name for c in result.checks if c.status == "FAIL"]
     out.append(f"doctor: FAILED ({', '.join(failed)})" if failed else "doctor: all checks passed")
     return "\n".join(out) + "\n"

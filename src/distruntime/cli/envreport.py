@@ -110,7 +110,7 @@ def _versions() -> dict[str, Any]:
     nccl: str | None = None
     if dist.is_available() and dist.is_nccl_available():
         try:
-            raw = torch.cuda.nccl.version()
+            raw = torch.cuda.nccl.version()  # type: ignore[no-untyped-call]
             nccl = ".".join(map(str, raw)) if isinstance(raw, tuple) else str(raw)
         except (AttributeError, RuntimeError):
             nccl = "available (version unknown)"

@@ -18,6 +18,7 @@ child's process group (SIGTERM, then SIGKILL after a grace period).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -96,11 +97,13 @@ def launch_local(
     child_args: Sequence[str],
     timeout_s: float,
     env: Mapping[str, str] | None = None,
+    started: float | None = None,
 ) -> int:
     """Run ``distruntime doctor <child_args>`` as ``nproc`` local ranks; the exit status.
 
-    0 when every rank exited 0; 124 when ``timeout_s`` expired (the children were
-    killed); otherwise the first non-zero status, rank 0's first.
+    0 when every rank exited 0; 124 when ``timeout_s`` (counted from ``started``, a
+    ``time.monotonic()`` value; default now) expired and the children were killed;
+    otherwise the first non-zero status, rank 0's first.
 
     Example::
 
@@ -108,7 +111,7 @@ def launch_local(
         0
     """
     base = dict(os.environ if env is None else env)
-    deadline = time.monotonic() + timeout_s
+    deadline = (time.monotonic() if started is None else started) + timeout_s
     previous = _terminate_on_sigterm()
     try:
         for attempt in (1, 2):
@@ -141,7 +144,9 @@ def _terminate_on_sigterm() -> _Handler | None:
     return signal.SIG_DFL if previous is None else previous
 
 
-def _run_once(nproc: int, child_args: Sequence[str], base: Mapping[str, str], port: int, deadline: float) -> int:
+def _run_once(
+    nproc: int, child_args: Sequence[str], base: Mapping[str, str], port: int, deadline: float
+) -> int:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for rank in range(nproc):
@@ -199,7 +204,5 @@ def _kill(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _signal_group(proc: subprocess.Popen[bytes], signum: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signum)  # start_new_session: the child leads its own group
-    except ProcessLookupError:
-        pass
