@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distruntime.errors import LaunchEnvError
-from distruntime.hostlist import expand_hostlist, expand_tasks_per_node
+from distruntime.hostlist import expand_hostlist, expand_tasks_per_node, first_host, tasks_on_node
 
 CASES = [
     ("n1", ["n1"]),
@@ -47,3 +47,24 @@ def test_tasks_per_node(spec: str, counts: list[int]) -> None:
 def test_tasks_per_node_malformed(bad: str) -> None:
     with pytest.raises(LaunchEnvError, match="SLURM_TASKS_PER_NODE"):
         expand_tasks_per_node(bad)
+
+
+@pytest.mark.parametrize(("nodelist", "hosts"), CASES, ids=[c[0] for c in CASES])
+def test_first_host_matches_full_expansion(nodelist: str, hosts: list[str]) -> None:
+    assert first_host(nodelist) == hosts[0]
+
+
+def test_first_host_does_not_expand_a_huge_list() -> None:
+    assert first_host("gpu[000001-999999]") == "gpu000001"
+
+
+@pytest.mark.parametrize("bad", ["n[1-2", "n[a-b]", "n[3-1]", "", "n[1-]"])
+def test_first_host_malformed(bad: str) -> None:
+    with pytest.raises(LaunchEnvError, match="SLURM_NODELIST"):
+        first_host(bad)
+
+
+@pytest.mark.parametrize("spec", ["4", "3,1", "2(x2)", "2(x2),1", "1,4(x3),2"])
+def test_tasks_on_node_matches_expansion(spec: str) -> None:
+    counts = expand_tasks_per_node(spec)
+    assert [tasks_on_node(spec, node) for node in range(len(counts) + 1)] == [*counts, None]

@@ -47,7 +47,17 @@ class DeviceSelectionError(DistRuntimeError):
 
 class RendezvousError(DistRuntimeError):
     """The ranks could not meet: missing rank, port in use, unreachable address,
-    duplicate rank, or ranks that disagree on the world size."""
+    duplicate rank, or ranks that disagree on the world size.
+
+    Attributes:
+        reason: a machine-readable cause: ``"port_in_use"``, ``"unresolvable"``,
+            ``"unreachable"``, ``"not_a_store"``, ``"missing_ranks"``, ``"store_lost"``,
+            ``"duplicate_rank"``, ``"world_size_mismatch"`` (``""`` when unknown).
+    """
+
+    def __init__(self, message: str, *, reason: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class GroupMismatchError(DistRuntimeError):

@@ -13,7 +13,7 @@ import itertools
 
 from distruntime.errors import LaunchEnvError
 
-__all__ = ["expand_hostlist", "expand_tasks_per_node"]
+__all__ = ["expand_hostlist", "expand_tasks_per_node", "first_host", "tasks_on_node"]
 
 
 def expand_hostlist(nodelist: str, *, variable: str = "SLURM_NODELIST") -> list[str]:
@@ -36,6 +36,51 @@ def expand_hostlist(nodelist: str, *, variable: str = "SLURM_NODELIST") -> list[
     return hosts
 
 
+def first_host(nodelist: str, *, variable: str = "SLURM_NODELIST") -> str:
+    """The first host of a hostlist, without expanding the rest.
+
+    Discovery needs only this one (the rendezvous address); expanding a 12 500-node
+    list on every rank would make start-up grow with the job.
+
+    Example:
+        >>> first_host("rack[2-9]-node[007-128],login1")
+        'rack2-node007'
+    """
+    patterns = _split_top_level(nodelist, variable)
+    if not patterns:
+        raise _malformed(nodelist, variable, "it names no host")
+    pieces = []
+    rest = patterns[0]
+    while rest:
+        head, bracket, tail = rest.partition("[")
+        pieces.append(head)
+        if not bracket:
+            break
+        body, _, rest = tail.partition("]")
+        # Only the first range matters: the first host takes its lower bound.
+        low, dash, high = body.split(",", 1)[0].partition("-")
+        if not low.isdigit() or (dash and (not high.isdigit() or int(high) < int(low))):
+            raise _malformed(nodelist, variable, f"'[{body}]' does not start with N or N-M")
+        pieces.append(low)
+    return "".join(pieces)
+
+
+def tasks_on_node(spec: str, node: int, *, variable: str = "SLURM_TASKS_PER_NODE") -> int | None:
+    """How many tasks SLURM's tasks-per-node form puts on ``node`` (``None``: no such node).
+
+    Example:
+        >>> tasks_on_node("4(x3),2", 3)
+        2
+    """
+    seen = 0
+    for item in spec.split(","):
+        count, repeat = _tasks_item(item, spec, variable)
+        if node < seen + repeat:
+            return count
+        seen += repeat
+    return None
+
+
 def expand_tasks_per_node(spec: str, *, variable: str = "SLURM_TASKS_PER_NODE") -> list[int]:
     """Expand SLURM's tasks-per-node form (``"2(x3),1"``) into one count per node.
 
@@ -44,18 +89,24 @@ def expand_tasks_per_node(spec: str, *, variable: str = "SLURM_TASKS_PER_NODE") 
         [2, 2, 1]
     """
     counts: list[int] = []
-    for raw_item in spec.split(","):
-        item = raw_item.strip()
-        count, sep, rest = item.partition("(x")
-        repeat = "1"
-        if sep:
-            if not rest.endswith(")"):
-                raise _malformed(spec, variable, f"'{item}' lacks its closing ')'")
-            repeat = rest[:-1]
-        if not (count.isdigit() and repeat.isdigit()):
-            raise _malformed(spec, variable, f"'{item}' is not N or N(xM)")
-        counts.extend([int(count)] * int(repeat))
+    for item in spec.split(","):
+        count, repeat = _tasks_item(item, spec, variable)
+        counts.extend([count] * repeat)
     return counts
+
+
+def _tasks_item(raw_item: str, spec: str, variable: str) -> tuple[int, int]:
+    """``"2(x3)"`` -> (2, 3); ``"4"`` -> (4, 1)."""
+    item = raw_item.strip()
+    count, sep, rest = item.partition("(x")
+    repeat = "1"
+    if sep:
+        if not rest.endswith(")"):
+            raise _malformed(spec, variable, f"'{item}' lacks its closing ')'")
+        repeat = rest[:-1]
+    if not (count.isdigit() and repeat.isdigit()):
+        raise _malformed(spec, variable, f"'{item}' is not N or N(xM)")
+    return int(count), int(repeat)
 
 
 def _split_top_level(nodelist: str, variable: str) -> list[str]:

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from distruntime.errors import LaunchEnvError
-from distruntime.hostlist import expand_hostlist, expand_tasks_per_node
+from distruntime.hostlist import first_host, tasks_on_node
 
 __all__ = ["LaunchEnv", "discover", "LAUNCHER_NAMES"]
 
@@ -283,9 +283,9 @@ def _slurm_local_world(r: _Reader, node_rank: int) -> int:
         return r.derived("local_world_size", len(gtids.split(",")), "SLURM_GTIDS (count)")
     name = r.first(_SLURM_VARS["tasks_per_node"])
     if name is not None:
-        counts = expand_tasks_per_node(r.env[name], variable=name)
-        if node_rank < len(counts):
-            return r.derived("local_world_size", counts[node_rank], f"{name}[SLURM_NODEID]")
+        count = tasks_on_node(r.env[name], node_rank, variable=name)
+        if count is not None:
+            return r.derived("local_world_size", count, f"{name}[SLURM_NODEID]")
     return r.need_int("local_world_size", ("SLURM_NTASKS_PER_NODE",), minimum=1)
 
 
@@ -293,7 +293,7 @@ def _slurm_first_host(r: _Reader) -> tuple[str | None, str]:
     name = r.first(_SLURM_VARS["nodelist"])
     if name is None or r.env.get("MASTER_ADDR", "").strip():
         return None, ""
-    return expand_hostlist(r.env[name], variable=name)[0], f"{name} (first host)"
+    return first_host(r.env[name], variable=name), f"{name} (first host)"
 
 
 def _slurm_batch_script(env: Mapping[str, str]) -> bool:

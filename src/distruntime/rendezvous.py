@@ -66,7 +66,8 @@ def _check_resolvable(launch: LaunchEnv, address: str, port: int) -> None:
         raise RendezvousError(
             f"MASTER_ADDR={address!r} (from {launch.source('master_addr')}) does not resolve "
             f"on {socket.gethostname()}: {exc.strerror}. Fix: use rank 0's IP address, or a "
-            "host name every node can resolve."
+            "host name every node can resolve.",
+            reason="unresolvable",
         ) from None
 
 
@@ -126,7 +127,8 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
         raise RendezvousError(
             f"rank {launch.rank}: something listens at {host}:{port} but does not answer as a "
             f"rendezvous store within {waited:.1f}s: MASTER_PORT={port} is probably held by "
-            "another program (rank 0 then reports it in use). Fix: choose another MASTER_PORT."
+            "another program (rank 0 then reports it in use). Fix: choose another MASTER_PORT.",
+            reason="not_a_store",
         )
     try:
         raise failed[0]
@@ -136,7 +138,8 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
                 f"MASTER_PORT={port} ({launch.source('master_port')}) is already in use on "
                 f"{socket.gethostname()}, so rank 0 cannot host the rendezvous store there "
                 "(another job or program holds it). Fix: choose another MASTER_PORT, or stop "
-                "the program listening on it (`ss -ltnp | grep :PORT` shows which)."
+                "the program listening on it (`ss -ltnp | grep :PORT` shows which).",
+                reason="port_in_use",
             ) from None
         raise _unreachable(launch, host, port, waited) from None
 
@@ -164,7 +167,8 @@ def _unreachable(launch: LaunchEnv, host: str, port: int, waited: float) -> Rend
         f"rank {launch.rank} on {socket.gethostname()} could not reach the rendezvous store "
         f"at {host}:{port} within {waited:.1f}s: {host_desc}, which hosts it, never came up "
         f"(missing rank: 0), or {host} is unreachable from here. Fix: check {host_desc}'s log "
-        f"for an earlier error, and that MASTER_ADDR={host!r} is rank 0's address."
+        f"for an earlier error, and that MASTER_ADDR={host!r} is rank 0's address.",
+        reason="unreachable",
     )
 
 
@@ -184,8 +188,8 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
             f"same {launch.source('rank')}. Fix: give every process its own rank in "
             f"0..{launch.world_size - 1} (check the launcher command or the script that sets it)."
         )
-        _abort(store, "join", message)
-        raise RendezvousError(message)
+        _abort(store, "join", f"duplicate_rank:{message}")
+        raise RendezvousError(message, reason="duplicate_rank")
     store.set(f"who/{rank}", me)
     claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}"
     first = store.compare_set("world_size", "", claim).decode()
@@ -196,8 +200,8 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
             f"{rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
             "rank with the same world size."
         )
-        _abort(store, "join", message)
-        raise RendezvousError(message)
+        _abort(store, "join", f"world_size_mismatch:{message}")
+        raise RendezvousError(message, reason="world_size_mismatch")
     barrier(rdzv, "join", deadline)
 
 
@@ -216,7 +220,8 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
     except dist.DistError as exc:
         raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
-        raise RendezvousError(verdict.removeprefix("abort:"))
+        reason, _, message = verdict.removeprefix("abort:").partition(":")
+        raise RendezvousError(message, reason=reason)
 
 
 def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousError:
@@ -237,12 +242,14 @@ def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousEr
         return RendezvousError(
             f"rank {launch.rank} lost the rendezvous store at {rdzv.address} after {waited:.1f}s "
             f"while waiting for all {launch.world_size} ranks to {what}: the process hosting it "
-            f"(rank 0, or torchrun's agent) exited. Its log has the cause. ({exc})"
+            f"(rank 0, or torchrun's agent) exited. Its log has the cause. ({exc})",
+            reason="store_lost",
         )
     missing_text = f"missing ranks: {_listed(missing)}; " if missing else ""
     return RendezvousError(
         f"rank {launch.rank}: only {arrived} of {launch.world_size} ranks managed to {what} at "
         f"{rdzv.address} ({launch.launcher}) within {waited:.1f}s; {missing_text}joined "
         f"(rank@host): {hosts}. Fix: look for an error in the missing ranks' logs, check that "
-        "they were started, or raise timeout_minutes if they are just slow to start."
+        "they were started, or raise timeout_minutes if they are just slow to start.",
+        reason="missing_ranks",
     )

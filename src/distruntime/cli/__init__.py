@@ -17,9 +17,10 @@
 
 Progress and errors go to stderr through :mod:`logging`; the report goes to stdout.
 
-Example:
-    >>> main(["env", "--json"])  # doctest: +SKIP
-    0
+Example (a shell)::
+
+    $ distruntime env --json
+    $ torchrun --nproc-per-node 2 -m distruntime doctor
 """
 
 from __future__ import annotations
@@ -80,9 +81,9 @@ def _configure_logging(level: int, label: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``distruntime`` command; returns the exit status.
 
-    Example:
-        >>> main(["--version"])  # doctest: +SKIP
-        distruntime 0.1.0
+    Example::
+
+        status = main(["env", "--json"])   # prints the report; 0, or 1 for a bad environment
     """
     from distruntime.cli.doctor import process_started
 

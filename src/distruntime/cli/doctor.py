@@ -200,9 +200,7 @@ def run_rank(options: DoctorOptions, started: float, env: Mapping[str, str] | No
 
     Example (one process, no launcher)::
 
-        >>> import time
-        >>> run_rank(DoctorOptions("gloo", 60, max_bytes=64), time.monotonic())  # doctest: +SKIP
-        0
+        status = run_rank(DoctorOptions("gloo", 60, max_bytes=64), time.monotonic())  # 0: all checks passed
     """
     from distruntime.launchers import discover
 
@@ -282,7 +280,7 @@ def _run_checks(run: _Run, env: Mapping[str, str]) -> int:
         if rank == 0:
             result.checks.append(Check(phase, "FAIL", text))
             _emit(options, result, header)
-        if isinstance(exc, RendezvousError) and "already in use" in str(exc):
+        if isinstance(exc, RendezvousError) and exc.reason == "port_in_use":
             return EXIT_PORT_IN_USE
         return 1
     if rank == 0:

@@ -107,8 +107,7 @@ def launch_local(
 
     Example::
 
-        >>> launch_local(2, ["--max-bytes", "1K"], timeout_s=60)  # doctest: +SKIP
-        0
+        status = launch_local(2, ["--max-bytes", "1K"], timeout_s=60)  # 0 when every rank passed
     """
     base = dict(os.environ if env is None else env)
     deadline = (time.monotonic() if started is None else started) + timeout_s
