@@ -142,7 +142,7 @@ def process_tree(root: int) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -172,7 +172,7 @@ def kill_tree(root: int, grace_s: float = KILL_GRACE_S) -> None:
         table = _proc_table()
         targets |= {pid for pid, (ppid, _, _) in table.items() if ppid in targets}
         targets.discard(me)
-        if not any(_alive(pid) for pid in targets):
+        if not any(alive(pid) for pid in targets):
             return
         time.sleep(0.1)
     table = _proc_table()
@@ -198,10 +198,10 @@ def kill_session_leftovers(sid: int, grace_s: float = 1.0) -> None:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
-    while time.monotonic() < deadline and any(_alive(pid) for pid in targets):
+    while time.monotonic() < deadline and any(alive(pid) for pid in targets):
         time.sleep(0.05)
     for pid in targets:
-        if _alive(pid):
+        if alive(pid):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
 

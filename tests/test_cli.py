@@ -8,12 +8,9 @@ sessions) is killed.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
-import os
 import re
-import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -25,7 +22,7 @@ from distruntime.cli._format import format_bytes, parse_bytes, render_table
 from distruntime.cli.doctor import _lookup_check, bus_bandwidth, iterations_for, message_sizes
 from distruntime.cli.envreport import build_env_report, render_env_report, tuning_variables
 from distruntime.cli.local import child_environment
-from procs import PYTHON, Result, clean_env, finish, start
+from procs import PYTHON, Result, alive, clean_env, finish, kill_tree, start
 
 CLI = [PYTHON, "-m", "distruntime"]
 
@@ -44,33 +41,6 @@ PARTIAL_ENV = {"RANK": "1"}
 CONFLICT_ENV = {**SLURM_ENV, "RANK": "2", "WORLD_SIZE": "8"}
 
 
-def _descendants(root: int) -> set[int]:
-    """Every live process below ``root`` (by parent links), read from /proc."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                    stat = f.read()
-                parents[int(entry)] = int(stat[stat.rfind(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
 def run_cli(args: Sequence[str], env: Mapping[str, str], timeout_s: float = 60.0) -> Result:
     """``python -m distruntime ARGS`` with exactly ``env`` (plus PATH), bounded in time.
 
@@ -82,9 +52,7 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], timeout_s: float = 60.0
     try:
         return finish(proc, timeout_s, started)
     finally:
-        for pid in _descendants(proc.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        kill_tree(proc.pid, grace_s=1.0)  # descendants in other sessions too
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -294,9 +262,9 @@ def test_doctor_nproc_timeout_kills_every_rank() -> None:
     pids = [int(p) for p in started.group(1).split()]
     assert len(pids) == 2
     deadline = time.monotonic() + 5
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not [p for p in pids if _alive(p)], "a rank outlived the doctor's --timeout"
+    assert not [p for p in pids if alive(p)], "a rank outlived the doctor's --timeout"
 
 
 @pytest.mark.processes
