@@ -8,11 +8,9 @@ included) when it overruns its bound.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -25,6 +23,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "benchmarks"
+# The process-tree kill the test suite uses (tests/procs.py): one implementation.
+sys.path.insert(0, str(REPO / "tests"))
+from procs import kill_tree as kill_process_tree  # noqa: E402
+
 WORKERS = BENCH / "workers"
 RESULTS = BENCH / "results"
 PYTHON = sys.executable
@@ -84,32 +86,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def descendants(root: int) -> set[int]:
-    """Every process below ``root`` by parent links (other sessions included)."""
-    parents: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat", encoding="utf-8", errors="replace") as f:
-                    stat = f.read()
-                parents[int(entry)] = int(stat[stat.rfind(")") + 2:].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    found: set[int] = set()
-    frontier = {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
-
-
 def kill_tree(proc: subprocess.Popen[Any]) -> None:
-    """SIGKILL ``proc``'s descendants and its process group (it leads its own session)."""
-    for pid in descendants(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+    """Kill ``proc`` and every process below it (other sessions included), then reap it."""
+    kill_process_tree(proc.pid, grace_s=0.5)
     proc.wait()
 
 

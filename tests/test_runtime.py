@@ -23,6 +23,7 @@ from distruntime import (
     SignalExit,
     init_utils,
 )
+from distruntime.teardown import SignalScope
 
 
 def test_context_manager_initialises_and_tears_down() -> None:
@@ -273,7 +274,8 @@ def test_destroy_global_state_from_a_worker_thread() -> None:
     # Off the main thread the handler cannot be swapped back; it is left inert and
     # hands signals to the previous handler. Put it back here, on the main thread.
     current = signal.getsignal(signal.SIGTERM)
-    assert current is sigterm or getattr(current, "__self__", None) is not None
+    scope = getattr(current, "__self__", None)
+    assert isinstance(scope, SignalScope) and not scope.active, current
     signal.signal(signal.SIGTERM, sigterm)
 
 

@@ -16,7 +16,6 @@ import time
 import torch
 import torch.distributed as dist
 
-import distruntime
 from distruntime import DistributedRuntime
 
 
@@ -46,51 +45,20 @@ def main() -> None:
     atexit.register(_report_exit_state)
     mode = sys.argv[1]
     arg = int(sys.argv[2]) if len(sys.argv) > 2 else -1
-    if mode == "adopt":
-        dist.init_process_group("gloo")  # env:// with the hand-set variables
     with DistributedRuntime("gloo", timeout_minutes=float(os.environ.get("TIMEOUT_MINUTES", "1"))) as info:
         print(f"READY {info.rank}", flush=True)
         result: dict[str, object] = {"rank": info.rank, "world_size": info.world_size,
                                      "launcher": info.launcher}
         if mode == "single":
             result["listening"] = _listening_ports()
-        elif mode == "raise":  # rank ARG raises while the others wait in a collective
-            if info.rank == arg:
-                time.sleep(0.5)
-                print(f"RAISING {time.time()}", flush=True)
-                raise ValueError(f"rank {info.rank} failed on purpose")
-            dist.all_reduce(torch.ones(1))
         elif mode == "wait":  # rank ARG sleeps (to be signalled); the others wait in a barrier
             if info.rank == arg:
                 while True:
                     time.sleep(0.1)
             dist.barrier()
-        elif mode == "nested":
-            with DistributedRuntime("auto") as inner:
-                assert inner is info
-            assert dist.is_initialized()
-        elif mode == "adopt":
-            assert info.launcher == "env", info
         tensor = torch.tensor([float(info.rank)])
         dist.all_reduce(tensor)
         result["sum"] = tensor.item()
-    if mode == "adopt":
-        result["alive_after"] = dist.is_initialized()
-        dist.barrier()
-        dist.destroy_process_group()
-    if mode == "consecutive":
-        with DistributedRuntime("gloo") as again:
-            tensor = torch.ones(1)
-            dist.all_reduce(tensor)
-            result["second_sum"] = tensor.item()
-            result["second_world"] = again.world_size
-    if mode == "seed":
-        info = distruntime.initialize_distributed("gloo", timeout_minutes=1)
-        result["seed_rank"] = distruntime.get_rank_safe()
-        result["seed_world"] = distruntime.get_world_size_safe()
-        result["seed_local"] = distruntime.get_local_rank_preinit()
-        distruntime.destroy_global_state()
-        distruntime.destroy_global_state()
     print("RESULT " + json.dumps(result), flush=True)
 
 

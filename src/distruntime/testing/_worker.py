@@ -195,22 +195,20 @@ class RankServer:
         """The previous test was told another next item: tear down what this one does not share."""
         if self.expected_next is None or self.expected_next == item.nodeid:
             return
+        self._teardown_exact(session, item, f"fixture teardown before {item.nodeid}")
+
+    def _teardown_all(self, session: pytest.Session) -> None:
+        self._teardown_exact(session, None, "session fixture teardown")
+
+    def _teardown_exact(self, session: pytest.Session, item: pytest.Item | None, what: str) -> None:
+        """Tear fixtures down to what ``item`` shares (``None``: everything); log failures."""
         setupstate = getattr(session, "_setupstate", None)
         if setupstate is None:
             return
         try:
             setupstate.teardown_exact(item)
         except BaseException as exc:
-            logger.warning("rank %d: fixture teardown before %s failed: %s", self.rank, item.nodeid, exc)
-
-    def _teardown_all(self, session: pytest.Session) -> None:
-        setupstate = getattr(session, "_setupstate", None)
-        if setupstate is None:
-            return
-        try:
-            setupstate.teardown_exact(None)
-        except BaseException as exc:
-            logger.warning("rank %d: session fixture teardown failed: %s", self.rank, exc)
+            logger.warning("rank %d: %s failed: %s", self.rank, what, exc)
 
     def _hygiene(self, env_expected: dict[str, str], env_before: dict[str, str]) -> list[str]:
         """What the test left behind in this process; undone where possible."""
