@@ -12,6 +12,7 @@ __all__ = [
     "DeviceSelectionError",
     "DistRuntimeError",
     "GroupMismatchError",
+    "HangError",
     "LaunchEnvError",
     "PeerFailureError",
     "RendezvousError",
@@ -77,6 +78,27 @@ class PeerFailureError(DistRuntimeError):
         super().__init__(message)
         self.failed_ranks = failed_ranks
         self.root_reported = root_reported
+
+
+class HangError(DistRuntimeError):
+    """The job stopped making progress: a rank waited in a collective longer than
+    ``hang_timeout_s`` while a peer had not arrived (or arrived at another collective).
+
+    Raised on every rank with the same verdict: a per-rank table, the culprit first (where
+    it stands: ``file.py:LINE``, in which collective, stopped, holding the GIL, exited),
+    each group's progress and the first collective at which ranks disagree (desync).
+
+    Attributes:
+        report: the :class:`distruntime.hangs.HangReport` behind the message.
+    """
+
+    def __init__(self, report: object) -> None:
+        format_report = getattr(report, "format", None)
+        super().__init__(format_report() if callable(format_report) else str(report))
+        self.report = report
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.report,))
 
 
 class SignalExit(SystemExit):

@@ -30,12 +30,19 @@ from torch._C._distributed_c10d import HashStore, PrefixStore, Store
 from typing_extensions import ParamSpec
 
 from distruntime.device import choose_backend, select_device
-from distruntime.errors import BackendUnavailableError, DistRuntimeError, GroupMismatchError, PeerFailureError
+from distruntime.errors import (
+    BackendUnavailableError,
+    DistRuntimeError,
+    GroupMismatchError,
+    HangError,
+    PeerFailureError,
+)
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
+from distruntime.watchdog import Watchdog, start_watchdog
 
 __all__ = ["DistributedRuntime", "current", "is_active"]
 
@@ -55,6 +62,7 @@ class _Session:
     rendezvous: Rendezvous | None = None
     signals: SignalScope = field(default_factory=SignalScope)
     env_patch: EnvPatch = field(default_factory=EnvPatch)
+    watchdog: Watchdog | None = None
 
 
 class _Registry:
@@ -128,6 +136,13 @@ class DistributedRuntime:
             could hang, pytorch#153960), off otherwise.
         teardown_timeout_s: bound on destroying the group; past it the destroy is
             abandoned with a warning so the process can exit.
+        hang_timeout_s: a rank that waits in a collective longer than this while a peer
+            has not arrived (or arrived at another collective) ends the job on every rank
+            with the same :class:`~distruntime.HangError`: who is stuck where, in which
+            collective. ``None``: ``DISTRUNTIME_HANG_TIMEOUT_S``, else just before the
+            group's collective timeout (so nothing ends earlier than torch would end it,
+            only explained). ``math.inf`` disables the watchdog. A rank legitimately busy
+            for longer than this while its peers wait counts as a hang.
 
     On an exception inside the block the runtime does not wait on peers: it records the
     failure for them, shuts its group down so peers blocked with it fail at once, and
@@ -145,6 +160,7 @@ class DistributedRuntime:
         store: Store | None = None,
         bind_device_id: bool | None = None,
         teardown_timeout_s: float = 30.0,
+        hang_timeout_s: float | None = None,
     ) -> None:
         if timeout_minutes <= 0:
             raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes!r}")
@@ -153,6 +169,7 @@ class DistributedRuntime:
         self.collective_timeout_minutes = collective_timeout_minutes
         self.bind_device_id = bind_device_id
         self.teardown_timeout_s = teardown_timeout_s
+        self.hang_timeout_s = hang_timeout_s
         self._env = env
         self._store = store
         # One entry per __enter__ still open: "owner", "nested" or "adopted".
@@ -216,21 +233,24 @@ class DistributedRuntime:
             if session.owner is None:  # adopted: the group belongs to someone else
                 return
             self._state = session.owner._state = "tearing down"
-            victim = exc is not None and is_peer_symptom(exc)
+            hang = _hang_error(session, exc)
+            victim = exc is not None and is_peer_symptom(exc) and hang is None
             if isinstance(exc, Exception) and not victim:
-                _write_error_file(exc)  # first, so its timestamp is the job's earliest
+                write_error_file(hang or exc)  # first, so its timestamp is the job's earliest
             try:
-                peer_error = _close(session, exc, self.teardown_timeout_s)
+                peer_error = _close(session, hang or exc, self.teardown_timeout_s)
             finally:
                 self._state = session.owner._state = "idle"
+        if hang is not None and hang is not exc:
+            raise hang from exc
         if peer_error is not None:
             peer_error.__cause__ = exc
             # torchrun's summary shows the earliest error file (1 s resolution); should
             # this one tie with the failed rank's, it still names the real cause.
-            _write_error_file(peer_error)
+            write_error_file(peer_error)
             raise peer_error
         if victim and isinstance(exc, Exception):
-            _write_error_file(exc)
+            write_error_file(exc)
 
     # ------------------------------------------------------------------ decorator
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
@@ -288,6 +308,13 @@ class DistributedRuntime:
             session.env_patch.restore()
             raise
         _register_atexit()
+        if session.rendezvous is not None:
+            session.watchdog = start_watchdog(
+                session.rendezvous.store, launch.rank, launch.world_size, backend=choice.backend,
+                hang_timeout_s=self.hang_timeout_s,
+                collective_timeout_minutes=self.collective_timeout_minutes,
+                store_ports={launch.master_port, getattr(self._store, "port", None)},
+            )
         if launch.rank == 0:
             logger.info(
                 "all %d ranks joined in %.2fs (backend %s, launcher %s%s)",
@@ -323,14 +350,14 @@ class DistributedRuntime:
             barrier(session.rendezvous, "ready", deadline)
 
 
-def _write_error_file(exc: Exception) -> None:
-    """Write ``exc`` to ``TORCHELASTIC_ERROR_FILE`` when torchrun set it.
+def write_error_file(exc: Exception, path: str | None = None) -> None:
+    """Write ``exc`` to ``path`` (default: ``TORCHELASTIC_ERROR_FILE``, set by torchrun).
 
     The JSON schema is torch's own (``ErrorHandler.record_exception``), which torchrun's
     summary reads; written here because torch's takes the traceback from
     ``sys.exc_info()``, the original exception rather than the one given.
     """
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
     data = {
@@ -415,9 +442,24 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
 
 
 # ---------------------------------------------------------------------- teardown
+def _hang_error(session: _Session, exc: BaseException | None) -> HangError | None:
+    """The hang verdict behind ``exc``, if the watchdog has (or is about to have) one."""
+    if exc is None or session.watchdog is None:
+        return None
+    if isinstance(exc, HangError):
+        return exc
+    # A transport error may be the symptom of a peer aborted for a hang: wait (bounded)
+    # for the verdict an open incident is about to publish. Anything else only takes
+    # a verdict that is already in.
+    report = session.watchdog.verdict_after_failure(6.0 if is_peer_symptom(exc) else 0.0)
+    return HangError(report) if report is not None else None
+
+
 def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
     """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
     session.signals.active = False  # a signal during teardown goes to the old handler
+    if session.watchdog is not None:
+        session.watchdog.stop()
     peer_error: list[PeerFailureError | None] = [None]
     rdzv = session.rendezvous
     try:

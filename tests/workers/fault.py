@@ -4,6 +4,13 @@ Modes (the faulty rank is ``FAULT_RANK``; the others all_reduce with it):
 ``ok`` no fault; ``raise`` it raises ValueError; ``exit`` it calls ``os._exit(3)``;
 ``wait`` it sleeps until signalled or killed (SIGKILL, SIGTERM, SIGINT, or a hang);
 ``exit-after`` everyone succeeds, then it ``os._exit(3)``s during the others' teardown.
+Hangs mid-job (every rank first completes one ``all_reduce``): ``sleep`` it sleeps before
+the next collective; ``busy`` it spins in Python; ``gil`` it blocks in C holding the GIL;
+``sigstop`` it stops itself; ``op`` it calls ``all_gather`` where the others
+``all_reduce``; ``shape`` it reduces 8 elements where the others reduce 4; ``extra`` it
+runs one collective more than the others; ``slow`` it works 2 s (under the threshold:
+the job must pass); ``subgroup`` ranks 0 and 1 share a group, rank 1 sleeps before its
+collective there.
 
 Prints ``ENTER <t>`` before the runtime, ``READY <rank>`` inside it, ``FAULT <t>`` at the
 fault and ``FAILED <t> <error>`` when the runtime raised, ``t`` being ``time.time()``.
@@ -12,8 +19,11 @@ fault and ``FAILED <t> <error>`` when the runtime raised, ``t`` being ``time.tim
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import math
 import os
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -32,6 +42,7 @@ def run_rank(mode: str, env: Mapping[str, str] | None = None) -> None:
     environ = os.environ if env is None else env
     fault_rank = int(environ.get("FAULT_RANK", "-1"))
     collective = environ.get("COLLECTIVE_TIMEOUT_MINUTES")
+    hang = environ.get("HANG_TIMEOUT_S")
     _say(f"ENTER {time.time()}")
     try:
         with DistributedRuntime(
@@ -39,8 +50,13 @@ def run_rank(mode: str, env: Mapping[str, str] | None = None) -> None:
             timeout_minutes=float(environ.get("TIMEOUT_MINUTES", "1")),
             collective_timeout_minutes=float(collective) if collective else None,
             env=env,
+            hang_timeout_s=float(hang) if hang else None,
         ) as info:
             _say(f"READY {info.rank}")
+            if mode in _HANGS:
+                _hang(mode, info.rank, fault_rank, info.world_size)
+                _say(f"DONE {info.rank}")
+                return
             if info.rank == fault_rank and mode in ("raise", "exit", "wait"):
                 time.sleep(0.3)  # let the peers block in the collective first
                 _say(f"FAULT {time.time()}")
@@ -61,6 +77,42 @@ def run_rank(mode: str, env: Mapping[str, str] | None = None) -> None:
     if mode == "exit-after" and info.rank == fault_rank:
         _say(f"FAULT {time.time()}")
         os._exit(3)
+
+
+_HANGS = ("sleep", "busy", "gil", "sigstop", "op", "shape", "extra", "slow", "subgroup")
+
+
+def _hang(mode: str, rank: int, fault_rank: int, world_size: int) -> None:
+    """One mid-job fault on ``fault_rank``; the other ranks run the job as written."""
+    pair = dist.new_group([0, 1], group_desc="pair") if mode == "subgroup" else None
+    data = torch.ones(4)
+    dist.all_reduce(data)  # every rank is past one healthy collective (#1)
+    if rank == fault_rank:
+        time.sleep(0.3)  # let the peers block in the next collective first
+        _say(f"FAULT {time.time()}")
+        if mode in ("sleep", "subgroup"):
+            time.sleep(3600)
+        elif mode == "busy":
+            total = 0.0
+            while True:
+                total += math.sqrt(total + 1.0)
+        elif mode == "gil":
+            ctypes.PyDLL(None).sleep(3600)  # PyDLL: the GIL stays held during the call
+        elif mode == "sigstop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        elif mode == "op":
+            dist.all_gather([torch.zeros(4) for _ in range(world_size)], data)
+        elif mode == "shape":
+            dist.all_reduce(torch.ones(8))
+        elif mode == "extra":
+            dist.all_reduce(data)
+        elif mode == "slow":
+            time.sleep(2.0)
+    if mode == "subgroup" and rank in (0, 1):
+        dist.all_reduce(data, group=pair)
+    elif mode not in ("op", "shape") or rank != fault_rank:
+        dist.all_reduce(data)
+    dist.barrier()
 
 
 if __name__ == "__main__":
