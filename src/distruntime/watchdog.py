@@ -245,7 +245,9 @@ class Watchdog:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         tick = self.config.tick_s
-        while not self._stop.wait(tick):
+        first = True
+        while first or not self._stop.wait(tick):
+            first = False
             try:
                 self._tick()
             except dist.DistError as error:
@@ -373,7 +375,8 @@ class Watchdog:
         return views
 
     def _assemble(self, k: int) -> HangReport:
-        deadline = time.monotonic() + 2 * self.config.tick_s + _ANSWER_WINDOW_S
+        started = time.monotonic()
+        deadline = started + 2 * self.config.tick_s + _ANSWER_WINDOW_S
         world = self.config.world_size
         answered: dict[int, dict[str, Any]] = {}
         while True:
@@ -383,8 +386,18 @@ class Watchdog:
                     answered[rank] = json.loads(self.store.get(key))
             if len(answered) == world or time.monotonic() >= deadline or self._stop.is_set():
                 break
+            # Ranks whose heartbeat stopped will not answer either: once every rank still
+            # silent is one of them, and live ones had a tick to answer, stop waiting.
+            if time.monotonic() - started > 1.5 * self.config.tick_s and self._only_stale_left(answered):
+                break
             time.sleep(0.05)
         return collect_report(self.store, answered, world, self.config.threshold_s, "hang")
+
+    def _only_stale_left(self, answered: dict[int, dict[str, Any]]) -> bool:
+        now, beats = time.time(), self._heartbeats()
+        stale_after = max(3 * self.config.tick_s, 1.5)
+        silent = [beats.get(rank, {}) for rank in range(self.config.world_size) if rank not in answered]
+        return all(beat.get("left") or now - float(beat.get("t", 0)) > stale_after for beat in silent)
 
     def _await_verdict(self, k: int) -> HangReport | None:
         deadline = time.monotonic() + 2 * self.config.tick_s + _ANSWER_WINDOW_S + 4.0
@@ -501,14 +514,13 @@ def collect_report(store: Store, answered: dict[int, dict[str, Any]], world_size
             views.setdefault(int(rank), view)
     here = socket.gethostname()
     for rank in range(world_size):
-        if rank in answered or rank in views or rank in left:
-            continue
         key = f"who/{rank}"
-        if store.check([key]):
-            who = json.loads(store.get(key))
-            if who.get("host") == here:
-                views[rank] = local_view(int(who["pid"]), heartbeats.get(rank, {}).get("main"))
-                heartbeats.setdefault(rank, {"host": who["host"], "pid": who["pid"]})
+        if rank in answered or rank in left or not store.check([key]):
+            continue
+        who = json.loads(store.get(key))
+        heartbeats.setdefault(rank, {"host": who["host"], "pid": who["pid"]})
+        if rank not in views and who.get("host") == here:
+            views[rank] = local_view(int(who["pid"]), heartbeats[rank].get("main"))
     return build_report(answered, heartbeats, views, world_size=world_size, now=time.time(),
                         threshold_s=threshold_s, reason=reason, left=frozenset(left))
 
