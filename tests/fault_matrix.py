@@ -55,6 +55,8 @@ class Scenario:
     collective_timeout_minutes: float | None = None
     expect_success: tuple[int, ...] = ()  # ranks that must exit 0 (all others non-zero)
     kill_leftovers: bool = False  # a hung rank the harness must kill (it never exits itself)
+    hang_timeout_s: float | None = None  # DistributedRuntime(hang_timeout_s=...)
+    absent: tuple[str, ...] = ()  # substrings the output must not contain
 
 
 @dataclass
@@ -72,6 +74,9 @@ class Outcome:
                 f"timed_out={self.timed_out} orphans={self.orphans}\n{self.output[-8000:]}")
 
 
+_HANG_S = 5.0
+_CULPRIT_PY = ("HangError", "in a collective; rank 2 running Python at", "fault.py:")
+_CULPRIT_GIL = ("HangError", "in a collective; rank 2 blocked in native code holding the GIL")
 _TERM = signal.SIGTERM
 _KILL = signal.SIGKILL
 _INT = signal.SIGINT
@@ -133,10 +138,40 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("SIGINT (Ctrl-C) to rank 1", "mid-job", "procs", "wait", 3,
              ("rank 1 failed first (KeyboardInterrupt)",), 10, fault_rank=1,
              signal_rank=1, signal_number=_INT),
-    # --- mid-job: a rank hangs; peers fail at the collective timeout (6 s here)
-    Scenario("rank 2 hangs before a collective", "mid-job", "procs", "wait", 3,
-             ("rank 2 alive but never reported",), 6 + 10, fault_rank=2,
-             collective_timeout_minutes=0.1, kill_leftovers=True, expect_success=()),
+    # --- mid-job: a rank hangs; with no hang_timeout_s the watchdog decides just before the
+    # collective timeout (6 s here), and every rank, the hung one included, leaves
+    Scenario("rank 2 hangs before a collective (default threshold)", "mid-job", "procs", "wait", 3,
+             ("HangError", "in a collective; rank 2 running Python at", "fault.py:"), 6 + 10, fault_rank=2,
+             collective_timeout_minutes=0.1),
+    # --- mid-job hangs and desyncs, 5 s threshold: out within threshold + 10 s
+    *(Scenario(name, "hang", launcher, mode, size, expect, _HANG_S + 10, fault_rank=rank,
+               hang_timeout_s=_HANG_S)
+      for name, launcher, mode, size, rank, expect in (
+        ("sleep before a collective", "procs", "sleep", 4, 2, _CULPRIT_PY),
+        ("busy Python loop", "procs", "busy", 4, 2, _CULPRIT_PY),
+        ("blocked in C holding the GIL", "procs", "gil", 4, 2, _CULPRIT_GIL),
+        ("SIGSTOP", "procs", "sigstop", 4, 2, ("in a collective; rank 2 stopped (SIGSTOP",)),
+        ("all_gather where the others all_reduce", "procs", "op", 4, 2,
+         ("desync: collective #2 of group default: ranks 0, 1, 3 in all_reduce([4] float32); "
+          "rank 2 in all_gather([4] float32)",)),
+        ("different shapes", "procs", "shape", 4, 2,
+         ("desync: collective #2 of group default: ranks 0, 1, 3 in all_reduce([4] float32); "
+          "rank 2 in all_reduce([8] float32)",)),
+        ("one extra collective", "procs", "extra", 4, 2,
+         ("desync: collective #3 of group default: ranks 0, 1, 3 in barrier(); rank 2 in all_reduce",)),
+        ("hang in a subgroup", "procs", "subgroup", 4, 1,
+         ("in a collective; rank 1 running Python at", "(group pair)")),
+        ("sleep before a collective", "torchrun", "sleep", 4, 2, _CULPRIT_PY),
+        ("blocked in C holding the GIL", "torchrun", "gil", 4, 2, _CULPRIT_GIL),
+        ("all_gather where the others all_reduce", "torchrun", "op", 4, 2,
+         ("rank 2 in all_gather([4] float32)",)),
+        ("SIGSTOP", "spawn", "sigstop", 3, 1, ("in a collective; rank 1 stopped (SIGSTOP",)),
+        ("busy Python loop", "spawn", "busy", 3, 1, ("in a collective; rank 1 running Python at",)),
+        ("blocked in C holding the GIL", "openmpi", "gil", 3, 1,
+         ("in a collective; rank 1 blocked in native code holding the GIL",)),
+    )),
+    Scenario("a slow rank under the threshold", "hang", "procs", "slow", 4, ("DONE 0", "DONE 3"), 10,
+             fault_rank=2, hang_timeout_s=_HANG_S, expect_success=(0, 1, 2, 3), absent=("HangError", "hang")),
     # --- teardown
     Scenario("rank 1 dies while the others tear down", "teardown", "procs", "exit-after", 3,
              ("FAULT",), 10, fault_rank=1, expect_success=(0, 2)),
@@ -152,6 +187,8 @@ def _scenario_env(s: Scenario, token: str) -> dict[str, str]:
              "DRT_SCENARIO": token, "OMP_NUM_THREADS": "1", "DRT_MARK_DIR": str(_mark_dir(token))}
     if s.collective_timeout_minutes is not None:
         extra["COLLECTIVE_TIMEOUT_MINUTES"] = str(s.collective_timeout_minutes)
+    if s.hang_timeout_s is not None:
+        extra["HANG_TIMEOUT_S"] = str(s.hang_timeout_s)
     return extra
 
 

@@ -29,4 +29,6 @@ def test_fault(scenario: Scenario) -> None:
             assert code != 0, detail
     for text in scenario.expect:
         assert text in outcome.output, f"missing {text!r}\n{detail}"
+    for text in scenario.absent:
+        assert text not in outcome.output, f"unexpected {text!r}\n{detail}"
     assert outcome.seconds_to_exit <= scenario.bound_s, detail

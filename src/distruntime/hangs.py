@@ -343,6 +343,10 @@ def build_report(
         reason: ``"hang"``, ``"deadline"`` or ``"snapshot"``.
         left: ranks that closed their runtime already.
     """
+    if reason == "snapshot":  # nobody was asked: a fresh heartbeat stands for an answer
+        fresh = {r: _beat_as_record(b) for r, b in heartbeats.items() if _fresh(b, now) and r not in records}
+        records = {**fresh, **records}
+        heartbeats = {r: b for r, b in heartbeats.items() if r not in records}
     rows = {r: _describe(r, records, heartbeats, local_views, now=now, left=r in left)
             for r in range(world_size)}
     names: dict[str, str] = {}
@@ -372,6 +376,20 @@ def build_report(
 
 
 _Records = Mapping[int, Mapping[str, Any]]
+
+
+def _fresh(beat: Mapping[str, Any], now: float) -> bool:
+    return "t" in beat and now - float(beat["t"]) < 3 * float(beat.get("tick", 1.0)) + 1.0
+
+
+def _beat_as_record(beat: Mapping[str, Any]) -> dict[str, Any]:
+    """A heartbeat read as a state record: pending collectives become unfinished entries."""
+    entries = [
+        {"group": gid, "seq": p.get("seq", -1), "op": p.get("op", "collective"), "sizes": p.get("sizes", []),
+         "dtypes": p.get("dtypes", []), "completed": False, "created": p.get("since", beat.get("t", 0.0))}
+        for gid, p in (beat.get("pending") or {}).items()
+    ]
+    return {**beat, "entries": entries, "stack": []}
 
 
 def _describe(rank: int, records: _Records, heartbeats: _Records, local_views: _Records, *, now: float,

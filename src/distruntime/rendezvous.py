@@ -44,6 +44,7 @@ class Rendezvous:
     address: str
     launch: LaunchEnv
     started: float
+    namespace: str = ""  # the key prefix of this rendezvous (``distruntime where`` finds it)
 
 
 def _seconds_left(deadline: float) -> float:
@@ -90,7 +91,7 @@ def open_rendezvous(
         store, hosts_store = _connect(launch, deadline)
     else:
         address = "the store given to DistributedRuntime"
-    rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started)
+    rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started, namespace)
     _check_in(rdzv, deadline)
     return rdzv
 

@@ -310,10 +310,8 @@ class DistributedRuntime:
         _register_atexit()
         if session.rendezvous is not None:
             session.watchdog = start_watchdog(
-                session.rendezvous.store, launch.rank, launch.world_size, backend=choice.backend,
-                hang_timeout_s=self.hang_timeout_s,
-                collective_timeout_minutes=self.collective_timeout_minutes,
-                store_ports={launch.master_port, getattr(self._store, "port", None)},
+                session.rendezvous, choice.backend, self.hang_timeout_s, self.collective_timeout_minutes,
+                self._store,
             )
         if launch.rank == 0:
             logger.info(

@@ -60,6 +60,7 @@ from distruntime.hangs import (
     parse_faulthandler,
     process_state,
 )
+from distruntime.rendezvous import Rendezvous
 
 __all__ = [
     "Watchdog", "WatchdogConfig", "collect_report", "hang_threshold", "stack_file_path", "start_watchdog",
@@ -68,6 +69,9 @@ __all__ = [
 logger = logging.getLogger("distruntime")
 
 ENV_VAR = "DISTRUNTIME_HANG_TIMEOUT_S"
+# Root-store key (outside any namespace) where rank 0 announces the live rendezvous, so
+# that ``distruntime where HOST:PORT`` can find the job's keys without writing anything.
+POINTER_KEY = "distruntime/current"
 # The signal that interrupts a rank's main thread once a hang is decided. Its default
 # action is "ignore", so a delivery meant for someone else is harmless.
 INTERRUPT_SIGNAL = signal.SIGURG
@@ -117,9 +121,12 @@ def hang_threshold(hang_timeout_s: float | None, collective_timeout_s: float,
     return float(hang_timeout_s)
 
 
-def start_watchdog(store: Store, rank: int, world_size: int, *, backend: str, hang_timeout_s: float | None,
-                   collective_timeout_minutes: float | None, store_ports: set[int | None]) -> Watchdog | None:
-    """Start this rank's watchdog (the runtime's one line); None when detection is off."""
+def start_watchdog(rdzv: Rendezvous, backend: str, hang_timeout_s: float | None,
+                   collective_timeout_minutes: float | None, store: Store | None = None) -> Watchdog | None:
+    """Start this rank's watchdog (the runtime's one line); None when detection is off.
+
+    ``store`` is the store given to the runtime, if any (its port is never aborted).
+    """
     if collective_timeout_minutes is not None:
         collective_s = collective_timeout_minutes * 60
     else:
@@ -132,8 +139,10 @@ def start_watchdog(store: Store, rank: int, world_size: int, *, backend: str, ha
     if math.isinf(threshold):
         logger.debug("hang detection is off")
         return None
-    ports = frozenset(int(p) for p in store_ports if p)
-    watchdog = Watchdog(store, WatchdogConfig(rank, world_size, threshold, backend, ports))
+    ports = frozenset(int(p) for p in (rdzv.launch.master_port, getattr(store, "port", None)) if p)
+    launch = rdzv.launch
+    config = WatchdogConfig(launch.rank, launch.world_size, threshold, backend, ports, rdzv.namespace)
+    watchdog = Watchdog(rdzv.store, config)
     watchdog.start()
     logger.debug("%r started", watchdog)
     return watchdog
@@ -153,6 +162,7 @@ class WatchdogConfig:
     threshold_s: float
     backend: str
     keep_ports: frozenset[int]  # the rendezvous store's port: never aborted
+    namespace: str = ""  # the rendezvous key prefix, announced for ``distruntime where``
 
     @property
     def tick_s(self) -> float:
@@ -180,6 +190,7 @@ class Watchdog:
         self._handler_installed = False
         self._raised = False
         self._group_names: dict[str, str] = {}
+        self._described: dict[tuple[str, int], dict[str, Any]] = {}
 
     def __repr__(self) -> str:
         state = "hang decided" if self.report else ("running" if self._thread.is_alive() else "stopped")
@@ -246,6 +257,8 @@ class Watchdog:
     def _run(self) -> None:
         tick = self.config.tick_s
         first = True
+        if self.config.rank == 0:
+            self._announce()
         while first or not self._stop.wait(tick):
             first = False
             try:
@@ -258,6 +271,15 @@ class Watchdog:
             if self.report is not None:
                 self._end_if_still_here()
                 return
+
+    def _announce(self) -> None:
+        root = getattr(self.store, "underlying_store", None)
+        if root is None or not self.config.namespace:
+            return
+        pointer = {"namespace": self.config.namespace, "world_size": self.config.world_size,
+                   "threshold_s": self.config.threshold_s, "started": time.time()}
+        with contextlib.suppress(dist.DistError):
+            root.set(POINTER_KEY, json.dumps(pointer))
 
     def _tick(self) -> None:
         self._rearm_stack_dump()
@@ -292,11 +314,34 @@ class Watchdog:
         pending = {}
         for gid, g in groups.items():
             if g["enqueued"] > g["completed"]:
-                key = (gid, g["enqueued"])
+                key = (gid, g["completed"] + 1)
                 pending[key] = self._pending.get(key, now)
             g["desc"] = self._group_name(gid)
         self._pending = pending
         return groups
+
+    def _pending_detail(self, now: float) -> dict[str, dict[str, Any]]:
+        """The oldest pending collective of each group, for the heartbeat.
+
+        Op, shapes and dtypes cost a full Flight Recorder dump, so they are read once per
+        collective, and only for one pending longer than half the threshold (what
+        ``distruntime where`` shows of a slow job).
+        """
+        detail: dict[str, dict[str, Any]] = {}
+        for (gid, seq), since in sorted(self._pending.items()):
+            if gid in detail:
+                continue
+            entry: dict[str, Any] = {"seq": seq, "since": since}
+            if now - since > max(self.config.threshold_s / 2, 2 * self.config.tick_s):
+                if (gid, seq) not in self._described:
+                    unfinished = [e for e in _entries() if not e["completed"]]
+                    self._described = {(str(e["group"]), int(e["seq"])): e for e in unfinished}
+                found = self._described.get((gid, seq))
+                if found is not None:
+                    entry.update(op=found["op"], sizes=found["sizes"], dtypes=found["dtypes"],
+                                 since=found["created"])
+            detail[gid] = entry
+        return detail
 
     def _group_name(self, gid: str) -> str:
         if gid not in self._group_names:
@@ -306,7 +351,8 @@ class Watchdog:
     def _heartbeat(self, now: float, groups: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return {
             "rank": self.config.rank, "host": self._host, "pid": self._pid, "main": self._main, "t": now,
-            "where": innermost_user_frame(own_stack()), "groups": groups,
+            "where": innermost_user_frame(own_stack()), "groups": groups, "tick": self.config.tick_s,
+            "pending": self._pending_detail(now),
             "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", ""),
         }
 
@@ -334,12 +380,7 @@ class Watchdog:
         groups = self._progress(now)
         record = self._heartbeat(now, groups)
         record["stack"] = own_stack()
-        entries, names = parse_entries(_flight_dump(True)) if _flight_dump is not None else ([], {})
-        for entry in entries:
-            gid = str(entry["group"])
-            if gid in groups and names.get(gid, "").startswith("group ") is False:
-                groups[gid].setdefault("desc", names.get(gid, ""))
-        record["entries"] = entries
+        record["entries"] = _entries()
         record["local"] = self._local_views(now)
         return record
 
@@ -537,6 +578,15 @@ def _flight_progress() -> dict[str, dict[str, Any]]:
         return flight_progress(_flight_dump(False))
     except (RuntimeError, ValueError):
         return {}
+
+
+def _entries() -> list[dict[str, Any]]:
+    if _flight_dump is None:
+        return []
+    try:
+        return parse_entries(_flight_dump(True))[0]
+    except (RuntimeError, ValueError):
+        return []
 
 
 def _group_names() -> dict[str, str]:

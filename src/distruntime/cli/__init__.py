@@ -15,6 +15,12 @@
     (gloo on CPU by default). Rank 0 prints the report; exit status 1 when a check
     fails, 124 when ``--timeout`` expires.
 
+``distruntime where [HOST:PORT]``
+    Where every rank of a *running* job stands, read-only: per rank, waiting in which
+    collective (op, shapes, group, for how long) or running Python at which file:line,
+    or not answering (``/proc`` state and a GIL-free stack dump on the same host).
+    Defaults to ``MASTER_ADDR:MASTER_PORT``. Writes nothing to the job's store.
+
 Progress and errors go to stderr through :mod:`logging`; the report goes to stdout.
 
 Example (a shell)::
@@ -45,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect and check PyTorch distributed launches.",
     )
     parser.add_argument("--version", action="version", version=f"distruntime {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{env,doctor}")
+    sub = parser.add_subparsers(dest="command", metavar="{env,doctor,where}")
 
     env = sub.add_parser("env", help="show what this process would get (launcher, ranks, backend, versions)")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -65,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     doc.add_argument("--warmup", type=int, default=3, help="untimed iterations per size (default: 3)")
     doc.add_argument("--json", action="store_true", help="rank 0 prints JSON instead of tables")
     doc.add_argument("-q", "--quiet", action="store_true", help="log warnings and errors only")
+
+    where = sub.add_parser("where", help="where every rank of a running job stands (read-only)")
+    where.add_argument("address", nargs="?", default=None, metavar="HOST:PORT",
+                       help="the job's store (default: $MASTER_ADDR:$MASTER_PORT)")
+    where.add_argument("--namespace", default=None, help="the job's key prefix (default: the announced one)")
+    where.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
+                       help="bound on reaching the store (default: 5)")
+    where.add_argument("--json", action="store_true", help="print JSON instead of the table")
     return parser
 
 
@@ -94,6 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _env(args)
     if args.command == "doctor":
         return _doctor(parser, args, started)
+    if args.command == "where":
+        from distruntime.cli.where import run_where
+
+        _configure_logging(logging.WARNING, "where")
+        return run_where(args.address, args.namespace, args.timeout, args.json)
     parser.print_help(sys.stderr)
     return 2
 

@@ -1,0 +1,120 @@
+"""``distruntime where [HOST:PORT]``: where every rank of a running job stands, read-only.
+
+Joins the job's rendezvous store as a plain client and reads what the ranks' watchdogs
+already publish there: their heartbeats (collective progress per group, pending
+collective with op and shapes once it is slow, innermost user frame), the address each
+rank checked in from, and the last hang verdict if there was one. It writes nothing
+(no ``set``, no ``add``: only ``check`` and ``get``), so the job cannot notice it. On
+the job's own host it also reads ``/proc`` and the stacks faulthandler wrote for ranks
+that stopped answering, as the ranks' own verdict does.
+
+Example (a shell)::
+
+    $ distruntime where                    # MASTER_ADDR:MASTER_PORT of this shell
+    $ distruntime where node1:29500 --json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+__all__ = ["run_where"]
+
+logger = logging.getLogger("distruntime.where")
+
+
+class WhereError(Exception):
+    """A clear reason why the job could not be looked at."""
+
+
+def run_where(address: str | None, namespace: str | None, timeout_s: float, as_json: bool) -> int:
+    """Print the table of a running job; 0 on success, 1 when no job can be read."""
+    try:
+        report, where = snapshot(address, namespace, timeout_s)
+    except WhereError as error:
+        logger.error("%s", error)
+        return 1
+    if as_json:
+        sys.stdout.write(json.dumps({"address": where, **json.loads(report.to_json())}, indent=2) + "\n")
+    else:
+        sys.stdout.write(f"job at {where}\n{report.format()}\n")
+    sys.stdout.flush()
+    return 0
+
+
+def snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tuple[Any, str]:
+    """Read a running job's state: returns the report and ``host:port``."""
+    from torch._C._distributed_c10d import PrefixStore
+
+    from distruntime.watchdog import POINTER_KEY, collect_report
+
+    host, port = _address(address)
+    store = _connect(host, port, timeout_s)
+    ns = namespace
+    threshold = 0.0
+    world_size = 0
+    if ns is None:
+        if not store.check([POINTER_KEY]):
+            raise WhereError(
+                f"the store at {host}:{port} holds no distruntime job (no '{POINTER_KEY}' key): it may "
+                "belong to a job that does not use distruntime, or to one still starting. Fix: check "
+                "the address (the job's MASTER_ADDR:MASTER_PORT), or pass --namespace.")
+        pointer = json.loads(store.get(POINTER_KEY))
+        ns, world_size = str(pointer["namespace"]), int(pointer["world_size"])
+        threshold = float(pointer.get("threshold_s", 0.0))
+    job = PrefixStore(ns, store)
+    while not world_size and job.check([f"who/{world_size}"]):
+        world_size += 1
+    report = collect_report(job, {}, world_size, threshold, "snapshot")
+    return report, f"{host}:{port} ({ns})"
+
+
+def _address(address: str | None) -> tuple[str, int]:
+    text = address or ""
+    if not text:
+        host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+        if not host or not port:
+            raise WhereError("no job address: pass HOST:PORT (the job's MASTER_ADDR:MASTER_PORT, or "
+                             "torchrun's --rdzv-endpoint), or set MASTER_ADDR and MASTER_PORT.")
+        text = f"{host}:{port}"
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not port_text.isdigit() or not host:
+        raise WhereError(f"{text!r} is not HOST:PORT. Fix: e.g. `distruntime where node1:29500`.")
+    return host.strip("[]"), int(port_text)
+
+
+def _connect(host: str, port: int, timeout_s: float) -> Any:
+    """A store client, bounded: nothing listening, or a listener that is not a store, fail fast."""
+    from torch._C._distributed_c10d import TCPStore
+
+    from distruntime.rendezvous import _wait_for_listener
+
+    deadline = time.monotonic() + timeout_s
+    if not _wait_for_listener(host, port, deadline):
+        raise WhereError(f"nothing listens at {host}:{port} (waited {timeout_s:g} s): the job has ended, or "
+                         "the address is wrong. Fix: use the job's MASTER_ADDR:MASTER_PORT.")
+    made: list[Any] = []
+
+    def connect() -> None:
+        try:
+            made.append(TCPStore(host, port, is_master=False, wait_for_workers=False,
+                                 timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.5))))
+        except Exception as error:  # reported below as "not a store"
+            made.append(error)
+
+    # TCPStore's client handshake blocks forever on a port held by another program.
+    worker = threading.Thread(target=connect, name="distruntime-where", daemon=True)
+    worker.start()
+    worker.join(max(deadline - time.monotonic(), 0.5))
+    if not made or isinstance(made[0], Exception):
+        why = f": {made[0]}" if made else ""
+        raise WhereError(f"{host}:{port} does not answer as a rendezvous store{why}. Fix: check the "
+                         "address (another program may hold that port).")
+    return made[0]
