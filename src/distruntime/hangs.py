@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import traceback
 from collections.abc import Mapping
@@ -56,6 +57,7 @@ _LIBRARY_DIRS = (
     os.path.dirname(os.path.abspath(traceback.__file__)) + os.sep,  # the standard library
 )
 _STACK_LIMIT = 40
+_FAULTHANDLER_FRAME = re.compile(r'File "(.*)", line (\d+) in (.*)$')
 _ENTRIES_PER_GROUP = 8
 _PROC_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped",
                 "t": "stopped by a debugger", "Z": "zombie (exited)", "X": "dead"}
@@ -186,14 +188,8 @@ def parse_faulthandler(text: str, thread_ident: int | None = None) -> list[str]:
         if stripped.startswith(("Thread 0x", "Current thread 0x")):
             ident = int(stripped.split("0x", 1)[1].split()[0], 16)
             blocks.append((ident, []))
-        elif stripped.startswith("File ") and blocks:
-            try:
-                path = stripped.split('"', 2)[1]
-                rest = stripped.rsplit('"', 1)[1].strip()  # line N in func
-                lineno = rest.split()[1]
-                func = rest.split(" in ", 1)[1] if " in " in rest else "?"
-            except IndexError:
-                continue
+        elif blocks and (match := _FAULTHANDLER_FRAME.match(stripped)):
+            path, lineno, func = match.groups()
             blocks[-1][1].append(f"{path}:{lineno} in {func}")
     chosen = [frames for ident, frames in blocks if ident == thread_ident]
     frames = chosen[-1] if chosen else (blocks[-1][1] if blocks else [])

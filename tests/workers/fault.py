@@ -107,7 +107,7 @@ def _hang(mode: str, rank: int, fault_rank: int, world_size: int) -> None:
         elif mode == "extra":
             dist.all_reduce(data)
         elif mode == "slow":
-            time.sleep(2.0)
+            time.sleep(float(os.environ.get("SLOW_S", "2")))
     if mode == "subgroup" and rank in (0, 1):
         dist.all_reduce(data, group=pair)
     elif mode not in ("op", "shape") or rank != fault_rank:
