@@ -63,7 +63,8 @@ def test_rank_running_python_is_named_first_with_its_line() -> None:
     assert report.ranks[0].rank == 2 and report.ranks[0].kind == "running"
     assert report.ranks[0].detail == "running Python at /w/train.py:33 in load_batch"
     assert report.culprits == (2,)
-    assert "waiting in collective #2 all_reduce([4] float32) (group default) for 7.0 s" in report.ranks[1].detail
+    waiting = "waiting in collective #2 all_reduce([4] float32) (group default) for 7.0 s"
+    assert waiting in report.ranks[1].detail
     assert "group default: ranks 0, 1 at #2 (in progress); rank 2 at #1 (done)" in report.progress
     assert report.summary.endswith("rank 2 running Python at /w/train.py:33 in load_batch")
 
@@ -144,7 +145,8 @@ def test_snapshot_reads_fresh_heartbeats_as_answers() -> None:
             "pending": {}, "where": "/w/t.py:9 in g"}
     report = build_report({}, {0: beat, 1: idle}, {}, world_size=2, now=NOW, threshold_s=5, reason="snapshot")
     kinds = {row.rank: row for row in report.ranks}
-    assert kinds[0].detail.startswith("waiting in collective #3 all_reduce([4] float32) (group default) for 2.0 s")
+    waiting = "waiting in collective #3 all_reduce([4] float32) (group default) for 2.0 s"
+    assert kinds[0].detail.startswith(waiting)
     assert kinds[1].detail == "running Python at /w/t.py:9 in g"
 
 
@@ -166,7 +168,8 @@ def test_flight_recorder_parsers() -> None:
              "input_dtypes": ["Float"], "retired": s < 5, "time_created_ns": s * 10**9,
              "process_group": ["0", "default_pg"]} for s in range(1, 15)
         ] + [{"pg_id": 1, "collective_seq_id": 1, "profiling_name": "gloo:broadcast", "input_sizes": [[2]],
-              "input_dtypes": ["Float"], "retired": False, "time_created_ns": 0, "process_group": ["1", "mesh_tp"]},
+              "input_dtypes": ["Float"], "retired": False, "time_created_ns": 0,
+              "process_group": ["1", "mesh_tp"]},
              {"pg_id": 0, "is_p2p": True, "collective_seq_id": 0}],
     })
     assert flight_progress(raw) == {"0": {"enqueued": 5, "completed": 4}}
@@ -193,7 +196,8 @@ def test_innermost_user_frame_skips_torch_and_distruntime() -> None:
 
 
 def test_process_state_of_a_stopped_and_a_gone_process() -> None:
-    child = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"])
+    stop_self = "import os, signal; os.kill(os.getpid(), signal.SIGSTOP)"
+    child = subprocess.Popen([sys.executable, "-c", stop_self])
     try:
         deadline = time.monotonic() + 20
         while process_state(child.pid) != "T" and time.monotonic() < deadline:

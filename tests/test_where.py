@@ -15,7 +15,7 @@ pytestmark = pytest.mark.processes
 
 def _where(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     return subprocess.run([PYTHON, "-m", "distruntime", "where", *args], env=clean_env(), capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 def test_where_shows_a_slow_job_without_disturbing_it() -> None:
