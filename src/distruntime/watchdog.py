@@ -256,11 +256,10 @@ class Watchdog:
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
         tick = self.config.tick_s
-        first = True
-        if self.config.rank == 0:
+        # The first tick comes one tick after start-up: nothing here runs on the start-up path.
+        if not self._stop.wait(tick) and self.config.rank == 0:
             self._announce()
-        while first or not self._stop.wait(tick):
-            first = False
+        while not self._stop.is_set():
             try:
                 self._tick()
             except dist.DistError as error:
@@ -271,6 +270,7 @@ class Watchdog:
             if self.report is not None:
                 self._end_if_still_here()
                 return
+            self._stop.wait(tick)
 
     def _announce(self) -> None:
         root = getattr(self.store, "underlying_store", None)
