@@ -63,7 +63,8 @@ from distruntime.hangs import (
 from distruntime.rendezvous import Rendezvous
 
 __all__ = [
-    "Watchdog", "WatchdogConfig", "collect_report", "hang_threshold", "stack_file_path", "start_watchdog",
+    "Watchdog", "WatchdogConfig", "collect_report", "hang_threshold", "job_report", "stack_file_path",
+    "start_watchdog",
 ]
 
 logger = logging.getLogger("distruntime")
@@ -569,6 +570,42 @@ def collect_report(store: Store, answered: dict[int, dict[str, Any]], world_size
 # torch's Flight Recorder dump (entries: bool) -> JSON; absent on older torch.
 _flight_dump: Callable[[bool], bytes] | None = getattr(
     torch._C._distributed_c10d, "_dump_fr_trace_json", None)
+
+
+def job_report(root: Store, *, reason: str, ask: bool, namespace: str | None = None,
+               window_s: float = 3.0) -> HangReport | None:
+    """The table of the distruntime job whose store is ``root``; None when there is none.
+
+    ``ask=False`` (``distruntime where``) only reads: heartbeats, check-ins, ``/proc``.
+    ``ask=True`` (the pytest plugin at a test's deadline) opens an incident, as a rank's
+    watchdog would, so every rank that can answer sends its stack and its collectives;
+    no verdict is published, so the ranks take no action.
+    """
+    from torch._C._distributed_c10d import PrefixStore
+
+    threshold, world_size = 0.0, 0
+    if namespace is None:
+        if not root.check([POINTER_KEY]):
+            return None
+        pointer = json.loads(root.get(POINTER_KEY))
+        namespace, world_size = str(pointer["namespace"]), int(pointer["world_size"])
+        threshold = float(pointer.get("threshold_s", 0.0))
+    job = PrefixStore(namespace, root)
+    while not world_size and job.check([f"who/{world_size}"]):
+        world_size += 1
+    answered: dict[int, dict[str, Any]] = {}
+    if ask:
+        current = int(job.get("watch/round")) if job.check(["watch/round"]) else 0
+        if job.compare_set(f"watch/open/{current + 1}", "", "deadline").decode() == "deadline":
+            k = int(job.add("watch/round", 1))
+            deadline = time.monotonic() + window_s
+            while len(answered) < world_size and time.monotonic() < deadline:
+                for rank in range(world_size):
+                    key = f"watch/state/{k}/{rank}"
+                    if rank not in answered and job.check([key]):
+                        answered[rank] = json.loads(job.get(key))
+                time.sleep(0.05)
+    return collect_report(job, answered, world_size, threshold, reason)
 
 
 def _flight_progress() -> dict[str, dict[str, Any]]:

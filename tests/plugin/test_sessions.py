@@ -292,6 +292,10 @@ def test_deadline_and_crash(inner: InnerRunner) -> None:
     assert 'test_hang.py", line 14 in test_both_block' in out  # rank 0, in dist.barrier()
     assert "distributed_c10d.py" in out and " in barrier" in out
     assert 'test_hang.py", line 16 in test_both_block' in out  # rank 1, in time.sleep()
+    # The watchdog's cross-rank table (the one a hang raises) heads the deadline report.
+    assert "the test's deadline passed; rank 1 running Python at " in out
+    assert "test_hang.py:16 in test_both_block" in out
+    assert "waiting in collective #1 barrier() (group default)" in out
     # A rank that dies: its signal, and the crash dump from its log.
     crash = result.line_of("FAILED test_hang.py::test_rank1_segfaults")
     assert "[rank 1] its process was killed by SIGSEGV during call" in crash

@@ -51,29 +51,18 @@ def run_where(address: str | None, namespace: str | None, timeout_s: float, as_j
 
 def snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tuple[Any, str]:
     """Read a running job's state: returns the report and ``host:port``."""
-    from torch._C._distributed_c10d import PrefixStore
-
-    from distruntime.watchdog import POINTER_KEY, collect_report
+    from distruntime.watchdog import POINTER_KEY, job_report
 
     host, port = _address(address)
     store = _connect(host, port, timeout_s)
-    ns = namespace
-    threshold = 0.0
-    world_size = 0
-    if ns is None:
-        if not store.check([POINTER_KEY]):
-            raise WhereError(
-                f"the store at {host}:{port} holds no distruntime job (no '{POINTER_KEY}' key): it may "
-                "belong to a job that does not use distruntime, or to one still starting. Fix: check "
-                "the address (the job's MASTER_ADDR:MASTER_PORT), or pass --namespace.")
-        pointer = json.loads(store.get(POINTER_KEY))
-        ns, world_size = str(pointer["namespace"]), int(pointer["world_size"])
-        threshold = float(pointer.get("threshold_s", 0.0))
-    job = PrefixStore(ns, store)
-    while not world_size and job.check([f"who/{world_size}"]):
-        world_size += 1
-    report = collect_report(job, {}, world_size, threshold, "snapshot")
-    return report, f"{host}:{port} ({ns})"
+    report = job_report(store, reason="snapshot", ask=False, namespace=namespace)
+    if report is None:
+        raise WhereError(
+            f"the store at {host}:{port} holds no distruntime job (no '{POINTER_KEY}' key): it may "
+            "belong to a job that does not use distruntime, or to one still starting (rank 0 announces "
+            "it one watchdog tick after start-up). Fix: check the address (the job's "
+            "MASTER_ADDR:MASTER_PORT), or pass --namespace.")
+    return report, f"{host}:{port}"
 
 
 def _address(address: str | None) -> tuple[str, int]:

@@ -524,10 +524,13 @@ class Controller:
             return False
         timed_out = time.monotonic() >= deadline
         stuck = list(pending.values())
+        verdict = self._deadline_verdict() if timed_out else ""
         stacks = self._dump_stacks(stuck)
         for w in stuck:
             results[w.rank].stuck = True
             results[w.rank].stack = stacks.get(w.rank, "")
+        if verdict:  # one table for the test, shown once, above the first stuck rank's stacks
+            results[stuck[0].rank].stack = f"{verdict}\n\n{results[stuck[0].rank].stack}"
         pool.broken = True
         return timed_out
 
@@ -570,6 +573,20 @@ class Controller:
             code = w.exit_code(5.0)
         result.exit_code = code if code is not None else -int(signal.SIGKILL)
         result.log_tail = w.log_tail()
+
+    def _deadline_verdict(self) -> str:
+        """The watchdog's cross-rank table for this test's job (the same one a hang raises)."""
+        from torch._C._distributed_c10d import PrefixStore
+
+        from distruntime.watchdog import job_report
+
+        try:
+            job = PrefixStore(f"drt/{self._seq}", self._get_store())
+            report = job_report(job, reason="deadline", ask=True)
+        except Exception as error:  # the stacks below still tell most of it
+            logger.debug("no deadline verdict: %s", error)
+            return ""
+        return report.format(stacks=False) if report is not None else ""
 
     def _dump_stacks(self, workers: list[_Worker]) -> dict[int, str]:
         """SIGUSR1 -> faulthandler writes every thread's stack to the rank's stack file."""
