@@ -206,6 +206,9 @@ class Watchdog:
             self._previous_handler = signal.getsignal(INTERRUPT_SIGNAL)
             signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
             self._handler_installed = True
+        # Armed now, not at the first tick: a main thread that takes the GIL for good right
+        # after start-up must still leave its stack behind.
+        self._rearm_stack_dump()
         self._thread.start()
 
     def stop(self) -> None:

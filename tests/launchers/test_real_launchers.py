@@ -15,6 +15,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,7 +48,7 @@ from harness import (
     slurm_cluster_cm,
 )
 
-from procs import clean_env, free_port
+from procs import clean_env, free_port, run_bounded
 
 pytestmark = pytest.mark.launchers
 
@@ -237,3 +238,46 @@ def test_mpich(mpich: str, probe_out: Path, nodes: int) -> None:
         master_addr="127.0.0.1" if nodes == 2 else None,
         master_port=port,
     )
+
+
+# ------------------------------------------------------------- mid-job hangs
+# A rank blocked in C with the GIL held (it cannot answer, its watchdog cannot run):
+# every rank must name it, and every process, the stuck one included, must be gone
+# within hang_timeout_s + 10 s of the fault, under each launcher for real.
+
+HANG_S = 5.0
+FAULT_WORKER = REPO / "tests" / "workers" / "fault.py"
+
+
+def _hang_env(fault_rank: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {"FAULT_RANK": str(fault_rank), "HANG_TIMEOUT_S": str(HANG_S), **(extra or {})}
+
+
+def _check_hang(result: subprocess.CompletedProcess[str], ended: float, culprit: str) -> None:
+    out = result.stdout + result.stderr
+    context = job_context(result)
+    assert result.returncode != 0, context
+    assert f"in a collective; {culprit}" in out, context
+    faults = [float(line.split()[1]) for line in result.stdout.splitlines() if line.startswith("FAULT ")]
+    assert faults, context
+    assert ended - faults[0] <= HANG_S + 10, f"out {ended - faults[0]:.1f} s after the fault\n{context}"
+
+
+def test_hang_under_srun(slurm_cluster: SlurmCluster) -> None:
+    try:
+        result = run_bounded(
+            ["srun", f"--job-name={slurm_cluster.new_job_name('hang')}", "-N", "2", "-n", "4",
+             "--ntasks-per-node", "2", sys.executable, str(FAULT_WORKER), "gil"],
+            JOB_TIMEOUT_S, env=slurm_cluster.job_env(_hang_env(2)), cwd=REPO,
+        )
+    finally:
+        for name in slurm_cluster.job_names:
+            slurm_cluster.cancel(name)
+    _check_hang(result, time.time(), "rank 2 blocked in native code holding the GIL")
+
+
+def test_hang_under_mpich(mpich: str) -> None:
+    env = {**_mpi_env(free_port(), 1), **_hang_env(1)}
+    result = run_bounded([*mpich_prefix(3, 1), sys.executable, str(FAULT_WORKER), "sleep"], JOB_TIMEOUT_S,
+                         env=env, cwd=REPO)
+    _check_hang(result, time.time(), "rank 1 running Python at")
