@@ -34,6 +34,7 @@ def _kept(outcome: Outcome) -> bool:
     codes_ok = all((code == 0) == (rank in s.expect_success) for rank, code in enumerate(outcome.returncodes))
     return (not outcome.timed_out and not outcome.orphans and outcome.port_free and codes_ok
             and all(text in outcome.output for text in s.expect)
+            and not any(text in outcome.output for text in s.absent)
             and outcome.seconds_to_exit <= s.bound_s)
 
 

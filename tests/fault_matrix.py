@@ -75,8 +75,8 @@ class Outcome:
 
 
 _HANG_S = 5.0
-_CULPRIT_PY = ("HangError", "in a collective; rank 2 running Python at", "fault.py:")
-_CULPRIT_GIL = ("HangError", "in a collective; rank 2 blocked in native code holding the GIL")
+_CULPRIT_PY = ("in a collective; rank 2 running Python at", "HangError", "fault.py:")
+_CULPRIT_GIL = ("in a collective; rank 2 blocked in native code holding the GIL", "HangError")
 _TERM = signal.SIGTERM
 _KILL = signal.SIGKILL
 _INT = signal.SIGINT
@@ -141,7 +141,7 @@ SCENARIOS: tuple[Scenario, ...] = (
     # --- mid-job: a rank hangs; with no hang_timeout_s the watchdog decides just before the
     # collective timeout (6 s here), and every rank, the hung one included, leaves
     Scenario("rank 2 hangs before a collective (default threshold)", "mid-job", "procs", "wait", 3,
-             ("HangError", "in a collective; rank 2 running Python at", "fault.py:"), 6 + 10, fault_rank=2,
+             ("in a collective; rank 2 running Python at", "HangError", "fault.py:"), 6 + 10, fault_rank=2,
              collective_timeout_minutes=0.1),
     # --- mid-job hangs and desyncs, 5 s threshold: out within threshold + 10 s
     *(Scenario(name, "hang", launcher, mode, size, expect, _HANG_S + 10, fault_rank=rank,
