@@ -219,3 +219,55 @@ def test_hang_threshold_sources() -> None:
         hang_threshold(None, 600.0, {"DISTRUNTIME_HANG_TIMEOUT_S": "soon"})
     with pytest.raises(ValueError, match="hang_timeout_s must be positive"):
         hang_threshold(0.0, 600.0, {})
+
+
+def test_gloo_abort_shuts_down_job_connections_but_not_the_store() -> None:
+    """gloo has no abort: the watchdog shuts down this process's TCP connections to the
+    job's hosts, except the rendezvous store's, so a blocked collective read fails."""
+    import socket
+
+    from distruntime.watchdog import _shutdown_connections
+
+    def pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
+        client = socket.create_connection(listener.getsockname()[:2])
+        server, _ = listener.accept()
+        return client, server
+
+    with socket.create_server(("127.0.0.1", 0)) as store_listener, \
+            socket.create_server(("127.0.0.1", 0)) as peer_listener:
+        store_port = store_listener.getsockname()[1]
+        store_client, store_server = pair(store_listener)
+        peer_client, peer_server = pair(peer_listener)
+        try:
+            closed = _shutdown_connections(frozenset({store_port}), {"127.0.0.1"})
+            assert closed == 2  # both ends of the peer connection live in this process
+            peer_server.settimeout(5)
+            assert peer_server.recv(1) == b""  # the "blocked read" ends at once
+            store_client.sendall(b"x")
+            store_server.settimeout(5)
+            assert store_server.recv(1) == b"x"  # the store's connection still works
+            assert _shutdown_connections(frozenset({store_port}), {"10.255.255.1"}) == 0  # not a job host
+        finally:
+            for sock in (store_client, store_server, peer_client, peer_server):
+                sock.close()
+
+
+def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """NCCL groups are aborted with torch's own call (never destroyed: that drains a hung
+    communicator); no socket is touched for a pure NCCL group."""
+    import torch.distributed as dist
+
+    from distruntime import watchdog
+
+    calls: list[str] = []
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    def sockets(keep: frozenset[int], addresses: set[str]) -> int:
+        calls.append("sockets")
+        return 0
+
+    monkeypatch.setattr(watchdog, "_shutdown_connections", sockets)
+    watchdog.abort_blocked_collectives("nccl", frozenset(), set())
+    assert calls == ["abort"]
+    calls.clear()
+    watchdog.abort_blocked_collectives("cpu:gloo,cuda:nccl", frozenset(), set())
+    assert calls == ["abort", "sockets"]
