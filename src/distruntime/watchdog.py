@@ -321,6 +321,10 @@ class Watchdog:
                 key = (gid, g["completed"] + 1)
                 pending[key] = self._pending.get(key, now)
             g["desc"] = self._group_name(gid)
+        if _flight_dump is None and _collective_in(own_stack()):
+            # No Flight Recorder (older torch): a main thread inside a c10d collective is
+            # the only sign; the collective number stays unknown (-1).
+            pending[("0", -1)] = self._pending.get(("0", -1), now)
         self._pending = pending
         return groups
 
@@ -385,6 +389,10 @@ class Watchdog:
         record = self._heartbeat(now, groups)
         record["stack"] = own_stack()
         record["entries"] = _entries()
+        op = _collective_in(record["stack"])
+        if not record["entries"] and op and ("0", -1) in self._pending:
+            record["entries"] = [{"group": "0", "seq": -1, "op": op, "sizes": [], "dtypes": [],
+                                  "completed": False, "created": self._pending[("0", -1)]}]
         record["local"] = self._local_views(now)
         return record
 
@@ -618,6 +626,14 @@ def _flight_progress() -> dict[str, dict[str, Any]]:
         return flight_progress(_flight_dump(False))
     except (RuntimeError, ValueError):
         return {}
+
+
+def _collective_in(stack: list[str]) -> str:
+    """The c10d function the main thread is in (``"all_reduce"``), or ``""``."""
+    for frame in reversed(stack):
+        if "torch/distributed/distributed_c10d.py" in frame.replace(os.sep, "/"):
+            return frame.rsplit(" in ", 1)[-1]
+    return ""
 
 
 def _entries() -> list[dict[str, Any]]:
