@@ -35,9 +35,11 @@ from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linge
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
+from distruntime.stop import DEFAULT_STOP_SIGNALS, StopCoordinator, requeue_slurm_job
+from distruntime.stop import start as start_stop
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 
-__all__ = ["DistributedRuntime", "current", "is_active"]
+__all__ = ["DistributedRuntime", "current", "is_active", "stop_coordinator"]
 
 logger = logging.getLogger("distruntime")
 
@@ -55,6 +57,7 @@ class _Session:
     rendezvous: Rendezvous | None = None
     signals: SignalScope = field(default_factory=SignalScope)
     env_patch: EnvPatch = field(default_factory=EnvPatch)
+    stop: StopCoordinator | None = None  # graceful_stop=True
 
 
 class _Registry:
@@ -99,6 +102,18 @@ def is_active() -> bool:
     return _REGISTRY.session is not None
 
 
+def stop_coordinator() -> StopCoordinator:
+    """The active runtime's coordinated stop (behind :func:`distruntime.should_stop`)."""
+    session = _REGISTRY.session
+    if session is None or session.stop is None:
+        state = "no DistributedRuntime is active" if session is None else "its runtime has graceful_stop off"
+        raise DistRuntimeError(
+            f"should_stop()/request_stop() need a coordinated stop, but {state}. Fix: run "
+            "inside `with DistributedRuntime(..., graceful_stop=True)` (on every rank)."
+        )
+    return session.stop
+
+
 class DistributedRuntime:
     """Initialise the default process group on entry; tear it down on exit.
 
@@ -128,6 +143,14 @@ class DistributedRuntime:
             could hang, pytorch#153960), off otherwise.
         teardown_timeout_s: bound on destroying the group; past it the destroy is
             abandoned with a warning so the process can exit.
+        graceful_stop: the first of ``stop_signals`` is only recorded, and every rank
+            agrees on the step to stop at through :func:`distruntime.should_stop`
+            (docs/preemption.md); a second signal raises ``SignalExit``. Off: the first
+            SIGTERM raises ``SignalExit``.
+        stop_signals: the signals that ask for a stop when ``graceful_stop`` is on
+            (default SIGTERM and SIGUSR1).
+        requeue: after an agreed stop and a clean exit, rank 0 runs
+            ``scontrol requeue $SLURM_JOB_ID`` (bounded) so SLURM runs the job again.
 
     On an exception inside the block the runtime does not wait on peers: it records the
     failure for them, shuts its group down so peers blocked with it fail at once, and
@@ -145,6 +168,9 @@ class DistributedRuntime:
         store: Store | None = None,
         bind_device_id: bool | None = None,
         teardown_timeout_s: float = 30.0,
+        graceful_stop: bool = False,
+        stop_signals: tuple[int, ...] = DEFAULT_STOP_SIGNALS,
+        requeue: bool = False,
     ) -> None:
         if timeout_minutes <= 0:
             raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes!r}")
@@ -153,6 +179,11 @@ class DistributedRuntime:
         self.collective_timeout_minutes = collective_timeout_minutes
         self.bind_device_id = bind_device_id
         self.teardown_timeout_s = teardown_timeout_s
+        if not stop_signals and graceful_stop:
+            raise ValueError("stop_signals is empty, but graceful_stop=True needs one, e.g. (signal.SIGTERM,)")
+        self.graceful_stop = graceful_stop
+        self.stop_signals = tuple(stop_signals)
+        self.requeue = requeue
         self._env = env
         self._store = store
         # One entry per __enter__ still open: "owner", "nested" or "adopted".
@@ -219,10 +250,21 @@ class DistributedRuntime:
             victim = exc is not None and is_peer_symptom(exc)
             if isinstance(exc, Exception) and not victim:
                 _write_error_file(exc)  # first, so its timestamp is the job's earliest
+            stop_error = None
+            if session.stop is not None:
+                hosts = session.rendezvous is not None and session.rendezvous.hosts_store
+                stop_error = session.stop.close(clean=exc is None, hosts_store=hosts)
             try:
                 peer_error = _close(session, exc, self.teardown_timeout_s)
             finally:
                 self._state = session.owner._state = "idle"
+        if stop_error is not None:
+            raise stop_error
+        if session.stop is not None and session.stop.agreed is not None and exc is None:
+            logger.info("left the runtime after the agreed stop (%s, call %d)",
+                        session.stop.agreed, session.stop.agreed.call)
+            if self.requeue and session.info.rank == 0:
+                requeue_slurm_job()
         if peer_error is not None:
             peer_error.__cause__ = exc
             # torchrun's summary shows the earliest error file (1 s resolution); should
@@ -274,9 +316,12 @@ class DistributedRuntime:
                 launcher=launch.launcher,
                 master_addr=launch.master_addr if launch.world_size > 1 else None,
                 master_port=launch.master_port if launch.world_size > 1 else None,
+                restart_count=launch.restart_count,
             ),
             owner=self,
         )
+        if self.graceful_stop:
+            session.signals = SignalScope(self.stop_signals, graceful=True)
         session.signals.install()
         if launch.launcher != "none":
             session.env_patch = EnvPatch.export_missing(_torch_variables(launch))
@@ -321,6 +366,10 @@ class DistributedRuntime:
             # Every rank is past init_process_group before any may tear down (rank 0
             # leaving early would take the store away from a rank still connecting).
             barrier(session.rendezvous, "ready", deadline)
+        if self.graceful_stop:
+            stop_timeout_s = (self.collective_timeout_minutes or 30.0) * 60
+            rdzv_store = session.rendezvous.store if session.rendezvous is not None else None
+            session.stop = start_stop(info.rank, info.world_size, rdzv_store, session.signals, stop_timeout_s)
 
 
 def _write_error_file(exc: Exception) -> None:
@@ -411,6 +460,7 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
         local_rank=launch.local_rank, local_world_size=launch.local_world_size,
         node_rank=launch.node_rank, num_nodes=launch.num_nodes, launcher=launch.launcher,
         master_addr=launch.master_addr, master_port=launch.master_port,
+        restart_count=launch.restart_count,
     )
 
 
