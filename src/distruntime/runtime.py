@@ -180,7 +180,7 @@ class DistributedRuntime:
         self.bind_device_id = bind_device_id
         self.teardown_timeout_s = teardown_timeout_s
         if not stop_signals and graceful_stop:
-            raise ValueError("stop_signals is empty, but graceful_stop=True needs one, e.g. (signal.SIGTERM,)")
+            raise ValueError("stop_signals is empty; graceful_stop=True needs one, e.g. (signal.SIGTERM,)")
         self.graceful_stop = graceful_stop
         self.stop_signals = tuple(stop_signals)
         self.requeue = requeue
