@@ -155,9 +155,9 @@ def test_stop_signals_are_settable_and_logged(caplog: pytest.LogCaptureFixture) 
 def test_bad_input_is_named() -> None:
     with pytest.raises(DistRuntimeError, match="no DistributedRuntime is active"):
         distruntime.should_stop()
-    with DistributedRuntime("gloo", env={}, graceful_stop=True):
-        with pytest.raises(DistRuntimeError, match=r"request_stop\(reason=''\)"):
-            distruntime.request_stop("")
+    with DistributedRuntime("gloo", env={}, graceful_stop=True), \
+            pytest.raises(DistRuntimeError, match=r"request_stop\(reason=''\)"):
+        distruntime.request_stop("")
     with pytest.raises(ValueError, match="stop_signals is empty"):
         DistributedRuntime("gloo", graceful_stop=True, stop_signals=())
 

@@ -47,7 +47,8 @@ def _worker_pid(root: int, rank: int) -> int:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if f"RANK={rank}".encode() in environ and b"preemptible_train.py" in cmdline and b"torchrun" not in cmdline:
+        is_worker = b"preemptible_train.py" in cmdline and b"torchrun" not in cmdline
+        if is_worker and f"RANK={rank}".encode() in environ:
             return pid
     raise AssertionError(f"no worker with RANK={rank} under pid {root}")
 
