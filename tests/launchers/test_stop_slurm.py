@@ -91,6 +91,9 @@ def _run_requeue_job(cluster: SlurmCluster, ckpt: Path) -> None:
     def log() -> str:
         return output.read_text(errors="replace") if output.exists() else "(no output yet)"
 
+    def job_state() -> str:
+        return _field(_job_state(cluster, job_id), "JobState")
+
     def wait_until(what: str, done: object) -> None:
         while time.monotonic() < deadline:
             if callable(done) and done():
@@ -112,10 +115,10 @@ def _run_requeue_job(cluster: SlurmCluster, ckpt: Path) -> None:
         assert "requeued SLURM job" in log(), log()
         # Lift SLURM's hold on the requeued job (BeginTime = now + cred_expire) once it is
         # pending again; an update made while the first run is still ending is overwritten.
-        wait_until("the job pending again", lambda: _field(_job_state(cluster, job_id), "JobState") == "PENDING")
+        wait_until("the job pending again", lambda: job_state() == "PENDING")
 
         def started() -> bool:
-            if _field(_job_state(cluster, job_id), "JobState") != "PENDING":
+            if job_state() != "PENDING":
                 return True
             run_bounded(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], 10, env=env)
             time.sleep(1.0)
@@ -123,7 +126,7 @@ def _run_requeue_job(cluster: SlurmCluster, ckpt: Path) -> None:
 
         wait_until("the second run's start", started)
         ended = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}
-        wait_until("the second run's end", lambda: _field(_job_state(cluster, job_id), "JobState") in ended)
+        wait_until("the second run's end", lambda: job_state() in ended)
         state = _job_state(cluster, job_id)
         assert "JobState=COMPLETED" in state and "ExitCode=0:0" in state, f"{state}\n{log()}"
         text = log()
