@@ -15,13 +15,15 @@ call::
                 logger.info("stopping at step %d: %s", step, distruntime.stop_reason())
                 break
 
-How: each call starts an asynchronous MAX all-reduce of one integer (``world - rank`` of a
-rank that wants to stop, else 0) on a private gloo group, and reads the result of the
-*previous* call's all-reduce, which had a whole step to finish in gloo's background
-thread. So the call never waits for a GPU, nor (when ranks keep pace) for the network;
-the price is one step of latency: a stop recorded before call ``n`` is agreed at call
-``n + 1`` (``n + 2`` if it lands during call ``n``). The result is sticky: once True,
-every later call returns True without communicating.
+How: each call hands one integer (``world - rank`` of a rank that wants to stop, else 0)
+to a helper thread, which MAX-all-reduces it on a private gloo group (CPU, created only
+when ``graceful_stop`` is on), and reads the result of the *previous* call's all-reduce,
+which had a whole step to finish. So the call never waits for a GPU, nor (when ranks
+keep pace) for the network: it costs a queue put and an event check (tens of
+microseconds; ``benchmarks/bench_stop.py``). The price is one step of latency: a stop
+recorded before call ``n`` is agreed at call ``n + 1`` (``n + 2`` if it lands during
+call ``n``). The result is sticky: once True, every later call returns True without
+communicating.
 
 The n-th call of one rank is paired with the n-th call of every other rank, so all
 ranks must call it equally often; a rank that is left waiting for a peer's call learns
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import shlex
 import signal
 import subprocess
@@ -116,10 +119,18 @@ class StopCoordinator:
         self._requested: str | None = None
         self._published = False
         self._calls = 0  # all-reduces started (the agreement stops them once True)
-        self._pending: dist.Work | None = None
-        # Two buffers: the all-reduce started at call n writes into one while call n
-        # reads the other's (call n-1's) result.
-        self._buffers = (torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+        # One all-reduce at a time is in flight: call n waits for call n-1's before
+        # handing over its own, so one slot (result, error, done) is enough.
+        self._pending = False
+        self._done = threading.Event()
+        self._result = 0
+        self._error: BaseException | None = None
+        self._flags: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        # The helper thread: a blocking all-reduce costs ~10x less in the caller's
+        # thread than an async one's launch (gloo's work object), and the caller only
+        # ever touches a queue and an event.
+        self._thread = threading.Thread(target=self._reduce_flags, name="distruntime-stop", daemon=True)
+        self._thread.start()
         self.agreed: StopReason | None = None
 
     def __repr__(self) -> str:
@@ -144,24 +155,21 @@ class StopCoordinator:
     def should_stop(self) -> bool:
         if self.agreed is not None:
             return True
-        if self._pending is not None:
-            self._wait(self._pending, f"should_stop() call {self._calls + 1}")
-            self._pending = None
-            code = int(self._buffers[self._calls % 2].item())
+        if self._pending:
+            code = self._wait(f"should_stop() call {self._calls + 1}")
             if code > 0:
                 self._agree(self.world_size - code)
                 return True
         reason = self.local_reason()
-        buffer = self._buffers[(self._calls + 1) % 2]
+        code = 0
         if reason is not None:
             if not self._published and self._store is not None:
                 # Written before the flag goes out, so it is there when peers read it.
                 self._store.set(f"stop/reason/{self.rank}", reason)
             self._published = True
-            buffer.fill_(self.world_size - self.rank)
-        else:
-            buffer.zero_()
-        self._pending = dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+            code = self.world_size - self.rank
+        self._pending = True
+        self._flags.put(code)
         self._calls += 1
         return False
 
@@ -176,27 +184,44 @@ class StopCoordinator:
         log("all %d ranks agreed to stop at should_stop() call %d: %s",
             self.world_size, self.agreed.call, self.agreed)
 
-    def _wait(self, work: dist.Work, what: str) -> None:
-        """Wait for a pending all-reduce; name the peer instead of hanging on it."""
-        if work.is_completed():
-            work.wait()  # raises if the group failed (a peer died)
-            return
-        done = threading.Event()
-        work.get_future().add_done_callback(lambda _: done.set())
-        started = time.monotonic()
-        published = False
-        while not done.wait(_POLL_S):
-            waited = time.monotonic() - started
-            if self._store is not None:
-                if not published:
-                    self._store.set(f"stop/waiting/{self.rank}", str(self._calls))
-                    published = True
-                self._check_peers_left(what)
-            if waited > self._timeout_s:
-                self._raise_stuck(what, waited)
-        if published and self._store is not None:
-            self._store.delete_key(f"stop/waiting/{self.rank}")
-        work.wait()
+    def _reduce_flags(self) -> None:
+        """The helper thread: all-reduce each flag handed over, until None."""
+        buffer = torch.zeros(1, dtype=torch.int64)
+        while (code := self._flags.get()) is not None:
+            try:
+                buffer.fill_(code)
+                dist.all_reduce(buffer, op=dist.ReduceOp.MAX, group=self._group)
+                self._result = int(buffer.item())
+            except BaseException as exc:  # handed to the caller, raised in its thread
+                self._error = exc
+                self._done.set()
+                return
+            self._done.set()
+
+    def _wait(self, what: str) -> int:
+        """The pending all-reduce's result; names the peer instead of hanging on it."""
+        done = self._done
+        if self._error is not None:  # the helper thread has ended on it
+            raise self._error
+        if not done.is_set():  # the peers are behind: wait, but not blindly
+            started = time.monotonic()
+            published = False
+            while not done.wait(_POLL_S):
+                waited = time.monotonic() - started
+                if self._store is not None:
+                    if not published:
+                        self._store.set(f"stop/waiting/{self.rank}", str(self._calls))
+                        published = True
+                    self._check_peers_left(what)
+                if waited > self._timeout_s:
+                    self._raise_stuck(what, waited)
+            if published and self._store is not None:
+                self._store.delete_key(f"stop/waiting/{self.rank}")
+        done.clear()
+        self._pending = False
+        if self._error is not None:
+            raise self._error  # the group failed (a peer died): the runtime reports it
+        return self._result
 
     def _left_calls(self) -> dict[int, int]:
         """Final call counts of the ranks that have left the runtime."""
@@ -244,17 +269,30 @@ class StopCoordinator:
         ``hosts_store``: this process hosts the store, so it stays until every peer has
         read the counts.
         """
-        pending, self._pending = self._pending, None
+        pending = self._pending
         store = self._store
-        if store is None:
-            return None
         try:
+            return self._leave(clean, hosts_store, pending, store)
+        finally:
+            self._flags.put(None)  # ends the helper thread once its all-reduce returns
+            if not self._pending:  # else it may be blocked until the group is destroyed
+                self._thread.join(timeout=1.0)
+            self._pending = False
+
+    def _leave(
+        self, clean: bool, hosts_store: bool, pending: bool, store: Store | None
+    ) -> UnevenStopCallsError | None:
+        try:
+            if store is None:
+                if clean and pending:
+                    self._wait("the runtime's exit")
+                return None
             store.set(f"stop/left/{self.rank}", str(self._calls))
             store.add("stop/left_count", 1)
             if not clean:
                 return None
-            if pending is not None:
-                self._wait(pending, "the runtime's exit (the last should_stop() all-reduce)")
+            if pending:
+                self._wait("the runtime's exit (the last should_stop() all-reduce)")
             deadline = time.monotonic() + _EXIT_CHECK_S
             while int(store.add("stop/left_count", 0)) < self.world_size and time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -266,8 +304,8 @@ class StopCoordinator:
                 time.sleep(0.05)  # peers still reading the counts from this process's store
         except UnevenStopCallsError as exc:
             return exc
-        except dist.DistError as exc:  # a peer (or the store's host) is gone: not ours to report
-            logger.debug("stop check at exit skipped: %s", exc)
+        except Exception as exc:  # a peer (or the store's host) is gone: teardown goes on
+            logger.debug("stop check at exit skipped: %s: %s", type(exc).__name__, exc)
             return None
         uneven = {r: n for r, n in left.items() if n != self._calls}
         if not uneven:
