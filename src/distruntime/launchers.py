@@ -235,15 +235,17 @@ def _torchrun(env: Mapping[str, str]) -> LaunchEnv | None:
         node_rank, num_nodes = _node_layout(r, rank, world, local_world)
     addr = r.address(None, "")
     port = r.port()
-    # The agent's round: torch's own worker store is namespaced by it (attempt_N), and
-    # from torch 2.5 every round also gets a fresh store on a fresh port (pytorch#135957).
+    # Workers are not told the agent's rendezvous round. The restart count alone repeats
+    # when a round follows a membership change (no failure: the count does not move),
+    # and torch 2.13 keeps the agent's shared store (and its port) across rounds; so
+    # the namespace also takes the round's world size and store port.
     restart = env.get(_TORCHRUN_VARS["restart_count"], "0")
     return _record(
         r, rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=node_rank, num_nodes=num_nodes, master_addr=addr, master_port=port,
         reason="TORCHELASTIC_RUN_ID is set (a torchrun/torchelastic worker)",
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
-        run_id=f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{restart}",
+        run_id=f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{restart}-{world}@{port}",
     )
 
 

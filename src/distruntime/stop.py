@@ -389,7 +389,9 @@ def start(
     rank: int, world_size: int, store: Store | None, signals: SignalScope, timeout_s: float
 ) -> StopCoordinator:
     """Create the private gloo group (a collective: every rank calls this at start-up)."""
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+    # The group's own timeout is later than ours, so a peer that never makes its call is
+    # reported by _raise_stuck (naming it), not by gloo's bare timeout.
+    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + 60))
     if group is None or not isinstance(group, dist.ProcessGroup):  # only for non-members
         raise DistRuntimeError(f"rank {rank}: could not create the stop group (got {group!r})")
     return StopCoordinator(
