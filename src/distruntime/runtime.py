@@ -250,10 +250,7 @@ class DistributedRuntime:
             victim = exc is not None and is_peer_symptom(exc)
             if isinstance(exc, Exception) and not victim:
                 _write_error_file(exc)  # first, so its timestamp is the job's earliest
-            stop_error = None
-            if session.stop is not None:
-                hosts = session.rendezvous is not None and session.rendezvous.hosts_store
-                stop_error = session.stop.close(clean=exc is None, hosts_store=hosts)
+            stop_error = _leave_stop(session, exc)
             try:
                 peer_error = _close(session, exc, self.teardown_timeout_s)
             finally:
@@ -261,10 +258,7 @@ class DistributedRuntime:
         if stop_error is not None:
             raise stop_error
         if session.stop is not None and session.stop.agreed is not None and exc is None:
-            logger.info("left the runtime after the agreed stop (%s, call %d)",
-                        session.stop.agreed, session.stop.agreed.call)
-            if self.requeue and session.info.rank == 0:
-                requeue_slurm_job()
+            _after_agreed_stop(session, self.requeue)
         if peer_error is not None:
             peer_error.__cause__ = exc
             # torchrun's summary shows the earliest error file (1 s resolution); should
@@ -465,6 +459,24 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
 
 
 # ---------------------------------------------------------------------- teardown
+def _leave_stop(session: _Session, exc: BaseException | None) -> DistRuntimeError | None:
+    """Close the coordinated stop before the group: the error to raise after teardown."""
+    if session.stop is None:
+        return None
+    session.signals.active = False  # as in _close: a signal now goes to the old handler
+    hosts = session.rendezvous is not None and session.rendezvous.hosts_store
+    return session.stop.close(clean=exc is None, hosts_store=hosts)
+
+
+def _after_agreed_stop(session: _Session, requeue: bool) -> None:
+    """A clean exit after an agreed stop: say why; requeue the SLURM job if asked."""
+    assert session.stop is not None and session.stop.agreed is not None
+    agreed = session.stop.agreed
+    logger.info("left the runtime after the agreed stop (%s, call %d)", agreed, agreed.call)
+    if requeue and session.info.rank == 0:
+        requeue_slurm_job()
+
+
 def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
     """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
     session.signals.active = False  # a signal during teardown goes to the old handler
