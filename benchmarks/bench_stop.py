@@ -66,7 +66,8 @@ def main() -> None:
     print(f"{args.ranks} ranks, step {args.step_ms} ms, {args.calls} calls x {args.rounds} rounds "
           f"per contender per repeat, {args.repeats} repeats; load {min(loads)}-{max(loads)}")
     print(table(["contender", "median us/call", "per repeat", "vs distruntime"], rows))
-    save("stop", {"machine": machine(), "args": vars(args), "loadavg_per_repeat": loads,
+    name = "stop" if args.step_ms == 2.0 else f"stop_step{args.step_ms:g}ms"
+    save(name, {"machine": machine(), "args": vars(args), "loadavg_per_repeat": loads,
                   "median_us_per_repeat": per_repeat})
 
 
