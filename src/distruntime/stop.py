@@ -117,7 +117,7 @@ class StopCoordinator:
         self._signals = signals
         self._timeout_s = timeout_s
         self._requested: str | None = None
-        self._published = False
+        self._sent: str | None = None  # the reason this rank sent (peers read the same)
         self._calls = 0  # all-reduces started (the agreement stops them once True)
         # One all-reduce at a time is in flight: call n waits for call n-1's before
         # handing over its own, so one slot (result, error, done) is enough.
@@ -160,13 +160,13 @@ class StopCoordinator:
             if code > 0:
                 self._agree(self.world_size - code)
                 return True
-        reason = self.local_reason()
         code = 0
-        if reason is not None:
-            if not self._published and self._store is not None:
+        if self._sent is None and (reason := self.local_reason()) is not None:
+            if self._store is not None:
                 # Written before the flag goes out, so it is there when peers read it.
                 self._store.set(f"stop/reason/{self.rank}", reason)
-            self._published = True
+            self._sent = reason
+        if self._sent is not None:
             code = self.world_size - self.rank
         self._pending = True
         self._flags.put(code)
@@ -176,7 +176,7 @@ class StopCoordinator:
     # ------------------------------------------------------------------ internals
     def _agree(self, first_rank: int) -> None:
         if first_rank == self.rank or self._store is None:
-            reason = self.local_reason() or "stop"
+            reason = self._sent or "stop"
         else:
             reason = self._store.get(f"stop/reason/{first_rank}").decode()
         self.agreed = StopReason(rank=first_rank, reason=reason, call=self._calls + 1)
