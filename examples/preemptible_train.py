@@ -60,6 +60,7 @@ def main() -> int:
     parser.add_argument("--requeue", action="store_true", help="SLURM: requeue the job after a stop")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s[%(process)d]: %(message)s")
+    args.ckpt_dir.mkdir(parents=True, exist_ok=True)
 
     with DistributedRuntime("auto", graceful_stop=True, requeue=args.requeue) as info:
         torch.manual_seed(0)
