@@ -63,7 +63,7 @@ def test_torchrun_multi_node() -> None:
     assert fields(env) == ("torchrun", 3, 4, 1, 2, 1, 2, "node1", 36425)
     assert env.agent_store
     assert env.source("node_rank") == "GROUP_RANK"
-    assert env.run_id == "torchrun-4082ed9b-0"
+    assert env.run_id == "torchrun-4082ed9b-0-4@36425"  # round: restart count, world, store port
 
 
 def test_torchrun_inside_slurm_step_wins() -> None:

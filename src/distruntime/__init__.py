@@ -22,6 +22,7 @@ from distruntime.errors import (
     PeerFailureError,
     RendezvousError,
     SignalExit,
+    UnevenStopCallsError,
 )
 from distruntime.launchers import LaunchEnv, discover
 
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
         initialize_distributed,
     )
     from distruntime.runtime import DistributedRuntime, current, is_active
+    from distruntime.stop import StopReason, request_stop, should_stop, stop_reason
 
 # Names that need torch are imported on first use, so that merely installing the
 # package (whose pytest plugin pytest loads in every session) costs no torch import.
@@ -48,6 +50,10 @@ _LAZY = {
     "DistributedRuntime": "distruntime.runtime",
     "current": "distruntime.runtime",
     "is_active": "distruntime.runtime",
+    "StopReason": "distruntime.stop",
+    "request_stop": "distruntime.stop",
+    "should_stop": "distruntime.stop",
+    "stop_reason": "distruntime.stop",
 }
 
 
@@ -75,6 +81,8 @@ __all__ = [
     "PeerFailureError",
     "RendezvousError",
     "SignalExit",
+    "StopReason",
+    "UnevenStopCallsError",
     "__version__",
     "current",
     "destroy_global_state",
@@ -84,4 +92,7 @@ __all__ = [
     "get_world_size_safe",
     "initialize_distributed",
     "is_active",
+    "request_stop",
+    "should_stop",
+    "stop_reason",
 ]

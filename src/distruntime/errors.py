@@ -17,6 +17,7 @@ __all__ = [
     "PeerFailureError",
     "RendezvousError",
     "SignalExit",
+    "UnevenStopCallsError",
 ]
 
 
@@ -111,3 +112,18 @@ class SignalExit(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+
+
+class UnevenStopCallsError(DistRuntimeError):
+    """Ranks called :func:`distruntime.should_stop` a different number of times.
+
+    The agreement pairs each rank's n-th call with every other rank's n-th call, so
+    every rank must call it once per step, unconditionally.
+
+    Attributes:
+        calls: ``{rank: number of calls}`` as far as known when the error was raised.
+    """
+
+    def __init__(self, message: str, calls: dict[int, int]) -> None:
+        super().__init__(message)
+        self.calls = calls

@@ -29,6 +29,8 @@ class DistInfo:
         launcher: what started the process (``"torchrun"``, ``"slurm"``, ``"none"``...).
         master_addr: rendezvous host (``None`` for a single process).
         master_port: rendezvous port (``None`` for a single process).
+        restart_count: restarts before this run: torchrun's ``TORCHELASTIC_RESTART_COUNT``,
+            else SLURM's ``SLURM_RESTART_COUNT`` (requeues), else 0.
 
     Example:
         >>> import torch
@@ -48,3 +50,4 @@ class DistInfo:
     launcher: str = "none"
     master_addr: str | None = None
     master_port: int | None = None
+    restart_count: int = 0

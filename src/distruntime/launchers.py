@@ -54,6 +54,8 @@ class LaunchEnv:
         agent_store: torchrun's agent already hosts the rendezvous store at
             ``master_addr:master_port``; ranks must connect to it as clients.
         run_id: an id shared by every rank of this job (namespaces store keys).
+        restart_count: how often the job was restarted: torchrun's round
+            (``TORCHELASTIC_RESTART_COUNT``) or SLURM's requeues (``SLURM_RESTART_COUNT``).
 
     Example:
         >>> env = discover({"RANK": "1", "WORLD_SIZE": "2",
@@ -75,6 +77,7 @@ class LaunchEnv:
     sources: tuple[tuple[str, str], ...] = ()
     agent_store: bool = False
     run_id: str = ""
+    restart_count: int = 0
 
     def source(self, field: str) -> str:
         """Where ``field`` (e.g. ``"rank"``) came from: a variable name or a phrase."""
@@ -179,6 +182,7 @@ def _record(
     agent_store: bool = False,
     run_id: str = "",
 ) -> LaunchEnv:
+    restart = reader.integer("restart_count", _RESTART_VARS.get(reader.launcher, _SLURM_RESTART)) or 0
     return LaunchEnv(
         launcher=reader.launcher,
         rank=rank,
@@ -193,6 +197,7 @@ def _record(
         sources=tuple(sorted(reader.sources.items())),
         agent_store=agent_store,
         run_id=run_id,
+        restart_count=restart,
     )
 
 
@@ -212,6 +217,7 @@ _TORCHRUN_VARS = {
     "local_world_size": "LOCAL_WORLD_SIZE",
     "node_rank": "GROUP_RANK",
     "num_nodes": "GROUP_WORLD_SIZE",
+    "restart_count": "TORCHELASTIC_RESTART_COUNT",
 }
 
 
@@ -229,13 +235,17 @@ def _torchrun(env: Mapping[str, str]) -> LaunchEnv | None:
         node_rank, num_nodes = _node_layout(r, rank, world, local_world)
     addr = r.address(None, "")
     port = r.port()
-    restart = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    # Workers are not told the agent's rendezvous round. The restart count alone repeats
+    # when a round follows a membership change (no failure: the count does not move),
+    # and torch 2.13 keeps the agent's shared store (and its port) across rounds; so
+    # the namespace also takes the round's world size and store port.
+    restart = env.get(_TORCHRUN_VARS["restart_count"], "0")
     return _record(
         r, rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=node_rank, num_nodes=num_nodes, master_addr=addr, master_port=port,
         reason="TORCHELASTIC_RUN_ID is set (a torchrun/torchelastic worker)",
         agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true",
-        run_id=f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{restart}",
+        run_id=f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{restart}-{world}@{port}",
     )
 
 
@@ -250,7 +260,12 @@ _SLURM_VARS = {
     "tasks_per_node": ("SLURM_STEP_TASKS_PER_NODE", "SLURM_TASKS_PER_NODE"),
     "step": ("SLURM_STEP_ID", "SLURM_STEPID"),
     "job": ("SLURM_JOB_ID", "SLURM_JOBID"),
+    "restart_count": ("SLURM_RESTART_COUNT",),
 }
+# Restarts: torchrun's own round count under torchrun (even inside a SLURM job);
+# SLURM's requeue count for every other launcher (mpirun inside sbatch included).
+_SLURM_RESTART = _SLURM_VARS["restart_count"]
+_RESTART_VARS = {"torchrun": (_TORCHRUN_VARS["restart_count"],)}
 
 
 def _slurm(env: Mapping[str, str]) -> LaunchEnv | None:
@@ -476,15 +491,17 @@ def _merge(hand: LaunchEnv, external: LaunchEnv) -> LaunchEnv:
         reason=external.reason + "; RANK/WORLD_SIZE also set and agree",
         sources=tuple(sorted(sources.items())),
         run_id=external.run_id,
+        restart_count=external.restart_count,
     )
 
 
-def _single_process(reason: str) -> LaunchEnv:
+def _single_process(reason: str, restart_count: int = 0) -> LaunchEnv:
     return LaunchEnv(
         launcher="none", rank=0, world_size=1, local_rank=0, local_world_size=1,
         node_rank=0, num_nodes=1, master_addr=None, master_port=None, reason=reason,
         sources=tuple((f, "default: single process") for f in ("rank", "world_size")),
         run_id="single",
+        restart_count=restart_count,
     )
 
 
@@ -516,7 +533,8 @@ def discover(env: Mapping[str, str]) -> LaunchEnv:
         if _slurm_batch_script(env):
             return _single_process(
                 "SLURM_PROCID without SLURM_STEP_ID: a SLURM batch script or allocation "
-                "shell, which is one process (use srun to start ranks)"
+                "shell, which is one process (use srun to start ranks)",
+                _Reader(env, "slurm").integer("restart_count", _SLURM_RESTART) or 0,
             )
         return _single_process("no launcher variables are set: a single process")
     _validate(found)

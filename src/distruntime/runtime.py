@@ -41,10 +41,12 @@ from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linge
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
+from distruntime.stop import DEFAULT_STOP_SIGNALS, StopCoordinator, requeue_slurm_job
+from distruntime.stop import start as start_stop
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 from distruntime.watchdog import Watchdog, start_watchdog
 
-__all__ = ["DistributedRuntime", "current", "is_active"]
+__all__ = ["DistributedRuntime", "current", "is_active", "stop_coordinator"]
 
 logger = logging.getLogger("distruntime")
 
@@ -63,6 +65,7 @@ class _Session:
     signals: SignalScope = field(default_factory=SignalScope)
     env_patch: EnvPatch = field(default_factory=EnvPatch)
     watchdog: Watchdog | None = None
+    stop: StopCoordinator | None = None  # graceful_stop=True
 
 
 class _Registry:
@@ -107,6 +110,18 @@ def is_active() -> bool:
     return _REGISTRY.session is not None
 
 
+def stop_coordinator() -> StopCoordinator:
+    """The active runtime's coordinated stop (behind :func:`distruntime.should_stop`)."""
+    session = _REGISTRY.session
+    if session is None or session.stop is None:
+        state = "no DistributedRuntime is active" if session is None else "its runtime has graceful_stop off"
+        raise DistRuntimeError(
+            f"should_stop()/request_stop() need a coordinated stop, but {state}. Fix: run "
+            "inside `with DistributedRuntime(..., graceful_stop=True)` (on every rank)."
+        )
+    return session.stop
+
+
 class DistributedRuntime:
     """Initialise the default process group on entry; tear it down on exit.
 
@@ -143,6 +158,14 @@ class DistributedRuntime:
             group's collective timeout (so nothing ends earlier than torch would end it,
             only explained). ``math.inf`` disables the watchdog. A rank legitimately busy
             for longer than this while its peers wait counts as a hang.
+        graceful_stop: the first of ``stop_signals`` is only recorded, and every rank
+            agrees on the step to stop at through :func:`distruntime.should_stop`
+            (docs/preemption.md); a second signal raises ``SignalExit``. Off: the first
+            SIGTERM raises ``SignalExit``.
+        stop_signals: the signals that ask for a stop when ``graceful_stop`` is on
+            (default SIGTERM and SIGUSR1).
+        requeue: after an agreed stop and a clean exit, rank 0 runs
+            ``scontrol requeue $SLURM_JOB_ID`` (bounded) so SLURM runs the job again.
 
     On an exception inside the block the runtime does not wait on peers: it records the
     failure for them, shuts its group down so peers blocked with it fail at once, and
@@ -161,6 +184,9 @@ class DistributedRuntime:
         bind_device_id: bool | None = None,
         teardown_timeout_s: float = 30.0,
         hang_timeout_s: float | None = None,
+        graceful_stop: bool = False,
+        stop_signals: tuple[int, ...] = DEFAULT_STOP_SIGNALS,
+        requeue: bool = False,
     ) -> None:
         if timeout_minutes <= 0:
             raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes!r}")
@@ -170,6 +196,11 @@ class DistributedRuntime:
         self.bind_device_id = bind_device_id
         self.teardown_timeout_s = teardown_timeout_s
         self.hang_timeout_s = hang_timeout_s
+        if not stop_signals and graceful_stop:
+            raise ValueError("stop_signals is empty; graceful_stop=True needs one, e.g. (signal.SIGTERM,)")
+        self.graceful_stop = graceful_stop
+        self.stop_signals = tuple(stop_signals)
+        self.requeue = requeue
         self._env = env
         self._store = store
         # One entry per __enter__ still open: "owner", "nested" or "adopted".
@@ -237,12 +268,17 @@ class DistributedRuntime:
             victim = exc is not None and is_peer_symptom(exc) and hang is None
             if isinstance(exc, Exception) and not victim:
                 write_error_file(hang or exc)  # first, so its timestamp is the job's earliest
+            stop_error = _leave_stop(session, exc)
             try:
                 peer_error = _close(session, hang or exc, self.teardown_timeout_s)
             finally:
                 self._state = session.owner._state = "idle"
         if hang is not None and hang is not exc:
             raise hang from exc
+        if stop_error is not None:
+            raise stop_error
+        if session.stop is not None and session.stop.agreed is not None and exc is None:
+            _after_agreed_stop(session, self.requeue)
         if peer_error is not None:
             peer_error.__cause__ = exc
             # torchrun's summary shows the earliest error file (1 s resolution); should
@@ -294,9 +330,12 @@ class DistributedRuntime:
                 launcher=launch.launcher,
                 master_addr=launch.master_addr if launch.world_size > 1 else None,
                 master_port=launch.master_port if launch.world_size > 1 else None,
+                restart_count=launch.restart_count,
             ),
             owner=self,
         )
+        if self.graceful_stop:
+            session.signals = SignalScope(self.stop_signals, graceful=True)
         session.signals.install()
         if launch.launcher != "none":
             session.env_patch = EnvPatch.export_missing(_torch_variables(launch))
@@ -346,6 +385,10 @@ class DistributedRuntime:
             # Every rank is past init_process_group before any may tear down (rank 0
             # leaving early would take the store away from a rank still connecting).
             barrier(session.rendezvous, "ready", deadline)
+        if self.graceful_stop:
+            stop_timeout_s = (self.collective_timeout_minutes or 30.0) * 60
+            rdzv_store = session.rendezvous.store if session.rendezvous is not None else None
+            session.stop = start_stop(info.rank, info.world_size, rdzv_store, session.signals, stop_timeout_s)
 
 
 def write_error_file(exc: Exception, path: str | None = None) -> None:
@@ -436,6 +479,7 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
         local_rank=launch.local_rank, local_world_size=launch.local_world_size,
         node_rank=launch.node_rank, num_nodes=launch.num_nodes, launcher=launch.launcher,
         master_addr=launch.master_addr, master_port=launch.master_port,
+        restart_count=launch.restart_count,
     )
 
 
@@ -451,6 +495,22 @@ def _hang_error(session: _Session, exc: BaseException | None) -> HangError | Non
     # a verdict that is already in.
     report = session.watchdog.verdict_after_failure(6.0 if is_peer_symptom(exc) else 0.0)
     return HangError(report) if report is not None else None
+def _leave_stop(session: _Session, exc: BaseException | None) -> DistRuntimeError | None:
+    """Close the coordinated stop before the group: the error to raise after teardown."""
+    if session.stop is None:
+        return None
+    session.signals.active = False  # as in _close: a signal now goes to the old handler
+    hosts = session.rendezvous is not None and session.rendezvous.hosts_store
+    return session.stop.close(clean=exc is None, hosts_store=hosts)
+
+
+def _after_agreed_stop(session: _Session, requeue: bool) -> None:
+    """A clean exit after an agreed stop: say why; requeue the SLURM job if asked."""
+    assert session.stop is not None and session.stop.agreed is not None
+    agreed = session.stop.agreed
+    logger.info("left the runtime after the agreed stop (%s, call %d)", agreed, agreed.call)
+    if requeue and session.info.rank == 0:
+        requeue_slurm_job()
 
 
 def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:

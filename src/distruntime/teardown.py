@@ -6,6 +6,9 @@
   main thread, and the exact previous handler is put back afterwards. When a runtime
   is closed from another thread (where ``signal.signal`` is not allowed) the handler
   stays installed but inert: it hands the signal to the previous handler.
+  With ``graceful=True`` (``DistributedRuntime(graceful_stop=True)``) the first stop
+  signal is only recorded in ``received``, for :mod:`distruntime.stop` to agree on a
+  step; a second one raises :class:`SignalExit` as above.
 * Variables the runtime exported are removed or reset to what they were.
 * Destroying the group never waits on peers: on the failure path NCCL groups are
   aborted rather than destroyed, and every shutdown runs in a helper thread with a
@@ -35,16 +38,32 @@ _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
 
 class SignalScope:
-    """Turns SIGTERM into :class:`SignalExit` while active; restores what it found."""
+    """Turns stop signals into :class:`SignalExit` while active; restores what it found.
 
-    signals = (signal.SIGTERM,)
+    Args:
+        signals: the signals handled (default SIGTERM alone).
+        graceful: record the first signal in ``received`` instead of raising; only a
+            second one raises (the coordinated stop of :mod:`distruntime.stop`).
 
-    def __init__(self) -> None:
+    Example:
+        >>> scope = SignalScope((signal.SIGTERM, signal.SIGUSR1), graceful=True)
+        >>> scope
+        SignalScope(active=False, installed=[], graceful=True, received=None)
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), *, graceful: bool = False) -> None:
+        self.signals = tuple(signals)
+        self.graceful = graceful
+        self.received: int | None = None  # graceful mode: the first stop signal
         self._previous: dict[int, _Handler] = {}
         self.active = False
 
     def __repr__(self) -> str:
-        return f"SignalScope(active={self.active}, installed={sorted(self._previous)})"
+        text = f"SignalScope(active={self.active}, installed={sorted(self._previous)}"
+        if self.graceful:
+            name = None if self.received is None else signal.Signals(self.received).name
+            text += f", graceful=True, received={name}"
+        return text + ")"
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -57,8 +76,16 @@ class SignalScope:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.active:
+            name = signal.Signals(signum).name
+            if self.graceful and self.received is None:
+                # Only a flag: the handler runs between two bytecodes of the main thread,
+                # which may hold a lock or be inside a collective; should_stop() acts on it.
+                self.received = signum
+                logger.warning("received %s: stopping at the next step all ranks agree on "
+                               "(a second signal exits at once)", name)
+                return
             self.active = False  # a second signal during unwinding goes to the old handler
-            logger.warning("received %s: unwinding the distributed runtime", signal.Signals(signum).name)
+            logger.warning("received %s: unwinding the distributed runtime", name)
             raise SignalExit(signum)
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):

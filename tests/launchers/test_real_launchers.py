@@ -45,7 +45,6 @@ from harness import (
     require_tools,
     run_checked,
     run_parallel_checked,
-    slurm_cluster_cm,
 )
 
 from procs import clean_env, free_port, run_bounded
@@ -56,13 +55,6 @@ JOB_TIMEOUT_S = 120.0
 
 
 # ----------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
-    """Two-node SLURM cluster (n1, n2); fails, never skips, if it cannot start."""
-    with slurm_cluster_cm() as cluster:
-        yield cluster
 
 
 @pytest.fixture(scope="session")

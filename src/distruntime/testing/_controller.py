@@ -478,11 +478,12 @@ class Controller:
         if not spec.init:
             # A torchrun worker whose agent store is the controller's: DistributedRuntime()
             # and init_process_group("env://") connect to it as clients, under a prefix of
-            # their own for this test (the restart count).
+            # their own for this test (the run id; the restart count stays 0, as in a
+            # first run, so code under test that reads info.restart_count sees a first run).
             env.update({
                 "GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1",
-                "TORCHELASTIC_RUN_ID": f"distruntime-{os.getpid()}",
-                "TORCHELASTIC_RESTART_COUNT": str(self._seq),
+                "TORCHELASTIC_RUN_ID": f"distruntime-{os.getpid()}-{self._seq}",
+                "TORCHELASTIC_RESTART_COUNT": "0",
                 "TORCHELASTIC_USE_AGENT_STORE": "True",
             })
         return env
