@@ -221,35 +221,43 @@ def test_hang_threshold_sources() -> None:
         hang_threshold(0.0, 600.0, {})
 
 
+_ABORT_SCRIPT = """
+import socket
+from distruntime.watchdog import _shutdown_connections
+
+def pair(listener):
+    client = socket.create_connection(listener.getsockname()[:2])
+    server, _ = listener.accept()
+    return client, server
+
+store_listener = socket.create_server(("127.0.0.1", 0))
+peer_listener = socket.create_server(("127.0.0.1", 0))
+store_port = store_listener.getsockname()[1]
+store_client, store_server = pair(store_listener)
+peer_client, peer_server = pair(peer_listener)
+print("other host", _shutdown_connections(frozenset({store_port}), {"10.255.255.1"}))
+print("closed", _shutdown_connections(frozenset({store_port}), {"127.0.0.1"}))
+peer_server.settimeout(5)
+print("peer read", peer_server.recv(1))
+store_client.sendall(b"x")
+store_server.settimeout(5)
+print("store read", store_server.recv(1))
+"""
+
+
 def test_gloo_abort_shuts_down_job_connections_but_not_the_store() -> None:
     """gloo has no abort: the watchdog shuts down this process's TCP connections to the
-    job's hosts, except the rendezvous store's, so a blocked collective read fails."""
-    import socket
-
-    from distruntime.watchdog import _shutdown_connections
-
-    def pair(listener: socket.socket) -> tuple[socket.socket, socket.socket]:
-        client = socket.create_connection(listener.getsockname()[:2])
-        server, _ = listener.accept()
-        return client, server
-
-    with socket.create_server(("127.0.0.1", 0)) as store_listener, \
-            socket.create_server(("127.0.0.1", 0)) as peer_listener:
-        store_port = store_listener.getsockname()[1]
-        store_client, store_server = pair(store_listener)
-        peer_client, peer_server = pair(peer_listener)
-        try:
-            closed = _shutdown_connections(frozenset({store_port}), {"127.0.0.1"})
-            assert closed == 2  # both ends of the peer connection live in this process
-            peer_server.settimeout(5)
-            assert peer_server.recv(1) == b""  # the "blocked read" ends at once
-            store_client.sendall(b"x")
-            store_server.settimeout(5)
-            assert store_server.recv(1) == b"x"  # the store's connection still works
-            assert _shutdown_connections(frozenset({store_port}), {"10.255.255.1"}) == 0  # not a job host
-        finally:
-            for sock in (store_client, store_server, peer_client, peer_server):
-                sock.close()
+    job's hosts, except the rendezvous store's, so a blocked collective read fails.
+    (In a fresh process: it acts on every connection of the process that runs it.)"""
+    result = subprocess.run([sys.executable, "-c", _ABORT_SCRIPT], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "other host 0",  # a connection to a host outside the job is left alone
+        "closed 2",  # both ends of the peer connection live in this process
+        "peer read b''",  # the "blocked read" ends at once
+        "store read b'x'",  # the store's connection still works
+    ], result.stdout
 
 
 def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
