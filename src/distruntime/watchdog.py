@@ -140,13 +140,20 @@ def start_watchdog(rdzv: Rendezvous, backend: str, hang_timeout_s: float | None,
     if math.isinf(threshold):
         logger.debug("hang detection is off")
         return None
-    ports = frozenset(int(p) for p in (rdzv.launch.master_port, getattr(store, "port", None)) if p)
+    ports = frozenset(int(p) for p in (rdzv.launch.master_port, _port_of(store), _port_of(rdzv.store)) if p)
     launch = rdzv.launch
     config = WatchdogConfig(launch.rank, launch.world_size, threshold, backend, ports, rdzv.namespace)
     watchdog = Watchdog(rdzv.store, config)
     watchdog.start()
     logger.debug("%r started", watchdog)
     return watchdog
+
+
+def _port_of(store: Store | None) -> int | None:
+    """The TCP port behind a store, through any PrefixStore wrappers."""
+    while store is not None and not hasattr(store, "port"):
+        store = getattr(store, "underlying_store", None)
+    return int(store.port) if store is not None else None
 
 
 def stack_file_path(pid: int) -> str:
