@@ -300,6 +300,8 @@ class _Row:
 
 
 def _shape(entry: Mapping[str, Any]) -> str:
+    if entry.get("op", "?") == "?":  # a heartbeat reads op and shapes only once a wait is long
+        return "(op not read yet)"
     sizes = entry.get("sizes") or []
     dtypes = [str(d).lower().replace("float", "float32") if str(d) == "Float" else str(d).lower()
               for d in entry.get("dtypes") or []]
@@ -381,7 +383,7 @@ def _fresh(beat: Mapping[str, Any], now: float) -> bool:
 def _beat_as_record(beat: Mapping[str, Any]) -> dict[str, Any]:
     """A heartbeat read as a state record: pending collectives become unfinished entries."""
     entries = [
-        {"group": gid, "seq": p.get("seq", -1), "op": p.get("op", "collective"), "sizes": p.get("sizes", []),
+        {"group": gid, "seq": p.get("seq", -1), "op": p.get("op", "?"), "sizes": p.get("sizes", []),
          "dtypes": p.get("dtypes", []), "completed": False, "created": p.get("since", beat.get("t", 0.0))}
         for gid, p in (beat.get("pending") or {}).items()
     ]

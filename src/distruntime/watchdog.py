@@ -339,7 +339,7 @@ class Watchdog:
         """The oldest pending collective of each group, for the heartbeat.
 
         Op, shapes and dtypes cost a full Flight Recorder dump, so they are read once per
-        collective, and only for one pending longer than half the threshold (what
+        collective, and only for one pending longer than a quarter of the threshold (what
         ``distruntime where`` shows of a slow job).
         """
         detail: dict[str, dict[str, Any]] = {}
@@ -347,7 +347,7 @@ class Watchdog:
             if gid in detail:
                 continue
             entry: dict[str, Any] = {"seq": seq, "since": since}
-            if now - since > max(self.config.threshold_s / 2, 2 * self.config.tick_s):
+            if now - since > max(self.config.threshold_s / 4, 2 * self.config.tick_s):
                 if (gid, seq) not in self._described:
                     unfinished = [e for e in _entries() if not e["completed"]]
                     self._described = {(str(e["group"]), int(e["seq"])): e for e in unfinished}

@@ -60,8 +60,9 @@ def snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tu
         raise WhereError(
             f"the store at {host}:{port} holds no distruntime job (no '{POINTER_KEY}' key): it may "
             "belong to a job that does not use distruntime, or to one still starting (rank 0 announces "
-            "it one watchdog tick after start-up). Fix: check the address (the job's "
-            "MASTER_ADDR:MASTER_PORT), or pass --namespace.")
+            "it one watchdog tick after start-up). Fix: use the job's MASTER_ADDR:MASTER_PORT (rank 0 "
+            "logs it as 'rendezvous HOST:PORT'; under torchrun that is the workers' MASTER_PORT, not "
+            "--rdzv-endpoint), or pass --namespace.")
     return report, f"{host}:{port}"
 
 
@@ -70,8 +71,9 @@ def _address(address: str | None) -> tuple[str, int]:
     if not text:
         host, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
         if not host or not port:
-            raise WhereError("no job address: pass HOST:PORT (the job's MASTER_ADDR:MASTER_PORT, or "
-                             "torchrun's --rdzv-endpoint), or set MASTER_ADDR and MASTER_PORT.")
+            raise WhereError("no job address: pass HOST:PORT (the job's MASTER_ADDR:MASTER_PORT: rank 0 "
+                             "logs it at start-up as 'rendezvous HOST:PORT'), or set MASTER_ADDR and "
+                             "MASTER_PORT.")
         text = f"{host}:{port}"
     host, sep, port_text = text.rpartition(":")
     if not sep or not port_text.isdigit() or not host:
