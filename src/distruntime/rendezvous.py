@@ -122,6 +122,8 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     builder.start()
     builder.join(_seconds_left(deadline) + 0.2)
     if made:
+        if launch.source("master_port").startswith("derived"):
+            _check_owner(made[0], launch, is_host, deadline)
         return made[0], is_host
     if not failed:
         raise RendezvousError(
@@ -134,14 +136,43 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
         raise failed[0]
     except dist.DistNetworkError as exc:
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            derived = launch.source("master_port").startswith("derived")
             raise RendezvousError(
                 f"MASTER_PORT={port} ({launch.source('master_port')}) is already in use on "
                 f"{socket.gethostname()}, so rank 0 cannot host the rendezvous store there "
-                "(another job or program holds it). Fix: choose another MASTER_PORT, or stop "
-                "the program listening on it (`ss -ltnp | grep :PORT` shows which).",
+                + ("(another job on this node derived the same port, or a program holds it). "
+                   "Fix: export MASTER_PORT=<a free port> for this job (the same on every rank), "
+                   if derived else "(another job or program holds it). Fix: choose another MASTER_PORT, ")
+                + "or stop the program listening on it (`ss -ltnp | grep :PORT` shows which).",
                 reason="port_in_use",
             ) from None
         raise _unreachable(launch, host, port, waited) from None
+
+
+# Outside every namespace: the run id of the job whose rank 0 hosts a store on a
+# derived port, so that a rank of another job that derived the same port finds out.
+_OWNER_KEY = "distruntime/owner"
+
+
+def _check_owner(store: Store, launch: LaunchEnv, is_host: bool, deadline: float) -> None:
+    """On a derived port, make sure the store is this job's, not another job's."""
+    if is_host:
+        store.set(_OWNER_KEY, launch.run_id)
+        return
+    try:
+        owner = store.get(_OWNER_KEY).decode()  # waits (bounded) for the host to say
+    except dist.DistError:
+        owner = "(a store that never named its job: not a distruntime job)"
+    if owner != launch.run_id:
+        port = launch.master_port
+        raise RendezvousError(
+            f"rank {launch.rank}: the rendezvous store on port {port} ({launch.source('master_port')}) "
+            f"belongs to another job, {owner}, not to this one ({launch.run_id}): two jobs on "
+            f"{socket.gethostname()} derived the same port. Fix: export MASTER_PORT=<a free port> "
+            "for one of them (the same on all its ranks), or narrow DISTRUNTIME_PORT_RANGE differently "
+            "for each.",
+            reason="port_collision",
+        )
 
 
 def _wait_for_listener(host: str, port: int, deadline: float) -> bool:

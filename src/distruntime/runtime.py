@@ -33,7 +33,8 @@ from distruntime.device import choose_backend, select_device
 from distruntime.errors import BackendUnavailableError, DistRuntimeError, GroupMismatchError, PeerFailureError
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
 from distruntime.info import DistInfo
-from distruntime.launchers import LaunchEnv, discover
+from distruntime.launchers import LaunchEnv, discover, missing_mpi_rendezvous
+from distruntime.mpi import broadcast_rendezvous
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 
@@ -170,7 +171,11 @@ class DistributedRuntime:
     def __enter__(self) -> DistInfo:
         with _REGISTRY.lock:
             session = _REGISTRY.session
-            launch = discover(self._environment())
+            env = self._environment()
+            if session is None and (missing := missing_mpi_rendezvous(env)):
+                # MPI over several nodes naming no rendezvous: rank 0 broadcasts one (mpi4py).
+                env = broadcast_rendezvous(env, missing)
+            launch = discover(env)
             if session is not None:
                 _check_compatible(session.info, self.backend, launch)
                 session.depth += 1

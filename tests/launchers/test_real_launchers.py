@@ -193,12 +193,11 @@ def test_slurm_batch_script_single_process(
 
 
 def _mpi_env(port: int, nodes: int) -> dict[str, str]:
-    extra = {"MASTER_PORT": str(port)}
-    if nodes == 2:
-        # the two "nodes" are 127.0.0.1 and 127.0.0.2 on this host; an MPI
-        # launcher names no rank-0 host, so the caller must
-        extra["MASTER_ADDR"] = "127.0.0.1"
-    return clean_env(extra)
+    if nodes == 1:
+        return clean_env()  # no MASTER_*: loopback, and a port derived from the job
+    # the two "nodes" are 127.0.0.1 and 127.0.0.2 on this host; an MPI launcher names
+    # no rank-0 host, so the caller must (or mpi4py: test_mpi_rendezvous.py)
+    return clean_env({"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"})
 
 
 def _run_mpi(prefix: list[str], probe_out: Path, env: dict[str, str], what: str) -> str:
@@ -219,8 +218,8 @@ def test_openmpi(openmpi: str, probe_out: Path, nodes: int) -> None:
         "openmpi",
         Placement.block(nodes, 4 // nodes),
         context=context,
-        master_addr="127.0.0.1" if nodes == 2 else None,
-        master_port=port,
+        master_addr="127.0.0.1",
+        master_port=port if nodes == 2 else None,
     )
 
 
@@ -234,6 +233,6 @@ def test_mpich(mpich: str, probe_out: Path, nodes: int) -> None:
         "mpich",
         Placement.block(nodes, 4 // nodes),
         context=context,
-        master_addr="127.0.0.1" if nodes == 2 else None,
-        master_port=port,
+        master_addr="127.0.0.1",
+        master_port=port if nodes == 2 else None,
     )
