@@ -21,18 +21,24 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from distruntime.errors import RendezvousError
 from distruntime.launchers import LaunchEnv
 
-__all__ = ["Rendezvous", "open_rendezvous", "barrier"]
+__all__ = ["Rendezvous", "arrive", "await_all", "barrier", "open_rendezvous"]
 
 logger = logging.getLogger("distruntime")
 
 # Shown in full up to this many ranks; longer lists are cut with a count.
 _MAX_LISTED = 16
+
+# From torch 2.5 a TCPStore client pings the server while connecting (pytorch#129985),
+# so a port held by a program that is not a store blocks the (bounded) constructor.
+# Before, the constructor returns at once and the first request waits instead.
+_CONNECT_PINGS = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -101,17 +107,21 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     _check_resolvable(launch, host, port)
     is_host = launch.rank == 0 and not launch.agent_store
     waited = _seconds_left(deadline)
-    if not is_host and not _wait_for_listener(host, port, deadline):
+    # torchrun's agent listened before it started this worker: no need to wait for it.
+    if not is_host and not launch.agent_store and not _wait_for_listener(host, port, deadline):
         raise _unreachable(launch, host, port, waited)
     made: list[TCPStore] = []
     failed: list[BaseException] = []
 
     def construct() -> None:
         try:
-            made.append(TCPStore(
+            store = TCPStore(
                 host, port, is_master=is_host, timeout=timedelta(seconds=_seconds_left(deadline)),
                 wait_for_workers=False,
-            ))
+            )
+            if not is_host and not _CONNECT_PINGS:
+                store.check(["distruntime/hello"])  # one round trip: does a store answer?
+            made.append(store)
         except BaseException as error:
             failed.append(error)
 
@@ -134,7 +144,7 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
         )
     try:
         raise failed[0]
-    except dist.DistNetworkError as exc:
+    except RuntimeError as exc:  # DistNetworkError; a bare RuntimeError before torch 2.5
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
             derived = launch.source("master_port").startswith("derived")
             raise RendezvousError(
@@ -212,8 +222,9 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
     store, launch = rdzv.store, rdzv.launch
     rank = launch.rank
     me = _whoami()
-    if store.add(f"claim/{rank}", 1) > 1:
-        other = store.get(f"who/{rank}").decode() if store.check([f"who/{rank}"]) else "another process"
+    # Claim the rank and say who holds it in one round trip: the first claimer's record stays.
+    other = store.compare_set(f"who/{rank}", "", me).decode()
+    if other != me:
         message = (
             f"rank {rank} is claimed by two processes: {other} and {me}. Two processes got the "
             f"same {launch.source('rank')}. Fix: give every process its own rank in "
@@ -221,7 +232,6 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
         )
         _abort(store, "join", f"duplicate_rank:{message}")
         raise RendezvousError(message, reason="duplicate_rank")
-    store.set(f"who/{rank}", me)
     claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}"
     first = store.compare_set("world_size", "", claim).decode()
     if first != claim and first.split("|")[0] != str(launch.world_size):
@@ -242,17 +252,45 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
     Only used at start-up (bounded by ``deadline``): it needs no process group, so a
     rank stuck before ``init_process_group`` is reported, not waited on forever.
     """
-    store, world = rdzv.store, rdzv.launch.world_size
-    if store.add(f"{phase}/count", 1) == world:
-        store.compare_set(f"{phase}/go", "", "ok")
-    try:
-        store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
-        verdict = store.get(f"{phase}/go").decode()
-    except dist.DistError as exc:
-        raise _waiting_error(rdzv, phase, exc) from None
+    store = rdzv.store
+    verdict = arrive(rdzv, phase)
+    if verdict is None:  # not the last to arrive: wait for the verdict
+        try:
+            store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
+            verdict = store.get(f"{phase}/go").decode()
+        except dist.DistError as exc:
+            raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
         reason, _, message = verdict.removeprefix("abort:").partition(":")
         raise RendezvousError(message, reason=reason)
+
+
+def arrive(rdzv: Rendezvous, phase: str) -> str | None:
+    """Say this rank reached ``phase``, without waiting for the others (see :func:`await_all`).
+
+    The last rank to arrive opens the phase and gets its verdict back (``"ok"``, or an
+    abort a failing rank left there); the others get ``None``.
+    """
+    if rdzv.store.add(f"{phase}/count", 1) == rdzv.launch.world_size:
+        return rdzv.store.compare_set(f"{phase}/go", "", "ok").decode()
+    return None
+
+
+def await_all(rdzv: Rendezvous, phase: str, timeout_s: float) -> int | None:
+    """Wait until every rank has :func:`arrive`-d at ``phase``.
+
+    Returns ``None`` when they have, or when the store is gone (its host left, which
+    it does only after the agreement); else, after ``timeout_s``, how many had arrived.
+    """
+    try:
+        rdzv.store.wait([f"{phase}/go"], timedelta(seconds=timeout_s))
+        return None
+    except dist.DistError as error:
+        try:
+            return int(rdzv.store.add(f"{phase}/count", 0))
+        except dist.DistError:
+            logger.debug("no agreement on '%s': the store is gone (%s)", phase, error)
+            return None
 
 
 def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousError:
