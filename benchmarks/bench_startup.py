@@ -51,7 +51,7 @@ from _common import (
 
 
 def launch(n: int, inner: int, warmup: int, variants: str, timeout_s: float,
-           cold: str | None = None) -> list[dict[str, Any]]:
+           *, cold: str | None = None) -> list[dict[str, Any]]:
     """One torchrun launch of N workers; returns each worker's JSON record."""
     with tempfile.TemporaryDirectory(prefix="drt-bench-") as out:
         cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(n), "--monitor-interval", "0.1",
