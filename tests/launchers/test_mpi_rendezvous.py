@@ -3,7 +3,7 @@
 * Two jobs on one node that derive the same port (forced with DISTRUNTIME_PORT_RANGE)
   fail at once and say so, and the first job is unaffected.
 * Open MPI across the two network-namespace hosts of netns.sh (a real mpirun, orted
-  started on node2 through netns_ssh.sh): with mpi4py (the ``distruntime[mpi]`` extra,
+  started on node2 through ompi_fake_ssh.sh): with mpi4py (the ``distruntime[mpi]`` extra,
   put on PYTHONPATH) rank 0 broadcasts its address and a port; without it every rank
   fails with the error that names the extra and the variables.
 * MPICH's Hydra across the same hosts without mpi4py: the same error.
@@ -36,7 +36,6 @@ from harness import (
     ensure_installed,
     job_context,
     mpich_prefix,
-    netns_pair_cm,
     probe_cmd,
     probe_out_dir,
     require_tools,
@@ -49,14 +48,8 @@ pytestmark = pytest.mark.launchers
 
 JOB_TIMEOUT_S = 120.0
 HOLD = str(REPO / "tests" / "workers" / "mpi_hold.py")
-NETNS_SSH = SCRIPTS / "netns_ssh.sh"
+FAKE_SSH = SCRIPTS / "ompi_fake_ssh.sh"  # "ssh" to node1/node2 = run in its namespace
 EXTRA = "pip install 'distruntime[mpi]'"
-
-
-@pytest.fixture(scope="module")
-def netns_pair() -> Iterator[NetnsPair]:
-    with netns_pair_cm() as pair:
-        yield pair
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +70,7 @@ def _openmpi_netns(np: int, extra_forward: tuple[str, ...] = ()) -> list[str]:
     """mpirun on node1 placing 2 ranks on node1 and 2 on node2, over the veth pair."""
     cmd = ["bash", str(SCRIPTS / "netns.sh"), "exec", "1",
            "mpirun.openmpi", "--allow-run-as-root", "--oversubscribe",
-           "--mca", "plm_rsh_agent", str(NETNS_SSH),
+           "--mca", "plm_rsh_agent", str(FAKE_SSH),
            "--mca", "oob_tcp_if_include", "eth0", "--mca", "btl_tcp_if_include", "eth0",
            "--host", "node1:2,node2:2", "-np", str(np), "-x", "PYTHONPATH", "-x", "OMP_NUM_THREADS"]
     for name in extra_forward:
@@ -149,7 +142,7 @@ def test_mpich_netns_without_mpi4py(netns_pair: NetnsPair, out: Path) -> None:
     """Hydra reaches node2 through the same ssh stand-in; a rank there fails clearly."""
     require_tools("mpiexec.hydra")
     cmd = ["bash", str(SCRIPTS / "netns.sh"), "exec", "1", "mpiexec.hydra", "-iface", "eth0",
-           "-launcher", "ssh", "-launcher-exec", str(NETNS_SSH), "-hosts", "node1:2,node2:2", "-n", "4",
+           "-launcher", "ssh", "-launcher-exec", str(FAKE_SSH), "-hosts", "node1:2,node2:2", "-n", "4",
            *probe_cmd(out)]
     result = run_bounded(cmd, JOB_TIMEOUT_S, env=clean_env(), cwd=REPO)
     context = job_context(result)

@@ -35,7 +35,6 @@ from harness import (
     ensure_installed,
     job_context,
     mpich_prefix,
-    netns_pair_cm,
     openmpi_prefix,
     probe_args,
     probe_cmd,
@@ -62,13 +61,6 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
     """Two-node SLURM cluster (n1, n2); fails, never skips, if it cannot start."""
     with slurm_cluster_cm() as cluster:
         yield cluster
-
-
-@pytest.fixture(scope="session")
-def netns_pair() -> Iterator[NetnsPair]:
-    """Namespaces drtn1/drtn2 = hosts node1/node2; fails, never skips."""
-    with netns_pair_cm() as pair:
-        yield pair
 
 
 @pytest.fixture(scope="session")
