@@ -1,5 +1,13 @@
 """Start-up + teardown: ``with DistributedRuntime("gloo")`` versus raw torch, under torchrun.
 
+``--mode cold`` (the default; what users pay): one runtime per process, its first and
+only. Each round launches torchrun twice with fresh processes, once per contender, in
+alternating order; each worker times its one contender from a common start (an
+untimed store barrier) to the end of teardown. Reported per N: rank 0's time and the
+slowest rank's, medians over rounds, and the median of the per-round paired ratios.
+
+``--mode warm``: many rounds inside one process, as below.
+
 For each world size N, ``--repeats`` torchrun launches; inside each launch every worker
 times ``--inner`` rounds of both contenders, alternating which goes first (see
 ``workers/startup_worker.py``). Time is measured inside the workers from just before
@@ -11,8 +19,9 @@ back to back, so slow drift on a shared machine cancels). Goal: ratio <= 1.03.
 
 Usage::
 
-    python benchmarks/bench_startup.py                       # N = 1,2,4,8,16
-    python benchmarks/bench_startup.py --sizes 1,2 --repeats 1 --inner 3   # quick
+    python benchmarks/bench_startup.py                       # cold, N = 1,2,4,8,16
+    python benchmarks/bench_startup.py --sizes 1,2 --rounds 3  # quick
+    python benchmarks/bench_startup.py --mode warm --sizes 1,2 --repeats 1 --inner 3
 """
 
 from __future__ import annotations
@@ -41,12 +50,13 @@ from _common import (
 )
 
 
-def launch(n: int, inner: int, warmup: int, variants: str, timeout_s: float) -> list[dict[str, Any]]:
+def launch(n: int, inner: int, warmup: int, variants: str, timeout_s: float,
+           *, cold: str | None = None) -> list[dict[str, Any]]:
     """One torchrun launch of N workers; returns each worker's JSON record."""
     with tempfile.TemporaryDirectory(prefix="drt-bench-") as out:
         cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(n), "--monitor-interval", "0.1",
                str(WORKERS / "startup_worker.py"), "--inner", str(inner), "--warmup", str(warmup),
-               "--variants", variants, "--out", out]
+               "--variants", variants, "--out", out, *(["--cold", cold] if cold else [])]
         result = run(cmd, timeout_s)
         if result.returncode != 0:
             raise SystemExit(f"torchrun with {n} workers failed ({result.returncode}):\n{result.tail()}")
@@ -68,8 +78,63 @@ def rounds(workers: list[dict[str, Any]], field: str = "total") -> dict[str, lis
     return out
 
 
+def _cold_times(workers: list[dict[str, Any]]) -> dict[str, float]:
+    """Rank 0's and the slowest rank's total, and rank 0's start-up and teardown parts."""
+    by_rank = {int(w["rank"]): w["records"][0] for w in workers}
+    return {"rank0": float(by_rank[0]["total"]), "slowest": max(float(r["total"]) for r in by_rank.values()),
+            "rank0_up": float(by_rank[0]["up"]), "rank0_down": float(by_rank[0]["down"])}
+
+
+def cold(n: int, rounds: int, timeout_s: float) -> dict[str, Any]:
+    """``rounds`` pairs of fresh torchrun launches (raw, runtime; order alternating)."""
+    times: dict[str, dict[str, list[float]]] = {
+        v: {"rank0": [], "slowest": [], "rank0_up": [], "rank0_down": []} for v in ("raw", "runtime")}
+    loads = []
+    for i in range(rounds):
+        for variant in ("raw", "runtime") if i % 2 == 0 else ("runtime", "raw"):
+            for key, value in _cold_times(launch(n, 0, 0, variant, timeout_s, cold=variant)).items():
+                times[variant][key].append(value * 1e3)
+        loads.append(loadavg())
+        print(f"N={n} round {i + 1}/{rounds}: rank 0 raw {times['raw']['rank0'][-1]:.1f} ms, "
+              f"runtime {times['runtime']['rank0'][-1]:.1f} ms", file=sys.stderr)
+    result: dict[str, Any] = {"n": n, "rounds": rounds, "loadavg_1min": loads, "ms": times}
+    for who in ("rank0", "slowest"):
+        raw, rt = times["raw"][who], times["runtime"][who]
+        result[f"{who}_raw_median_ms"] = median(raw)
+        result[f"{who}_runtime_median_ms"] = median(rt)
+        result[f"{who}_median_paired_ratio"] = median([b / a for a, b in zip(raw, rt, strict=True)])
+    for part in ("rank0_up", "rank0_down"):
+        result[f"{part}_raw_median_ms"] = median(times["raw"][part])
+        result[f"{part}_runtime_median_ms"] = median(times["runtime"][part])
+    return result
+
+
+def main_cold(args: argparse.Namespace, resolver: str) -> None:
+    results = [cold(n, args.rounds, args.timeout) for n in parse_sizes(args.sizes)]
+    rows = [[r["n"], r["rounds"],
+             f"{r['rank0_raw_median_ms']:.1f} / {r['rank0_runtime_median_ms']:.1f}",
+             f"{r['rank0_median_paired_ratio']:.3f}",
+             f"{r['slowest_raw_median_ms']:.1f} / {r['slowest_runtime_median_ms']:.1f}",
+             f"{r['slowest_median_paired_ratio']:.3f}",
+             f"{r['rank0_up_raw_median_ms']:.1f} / {r['rank0_down_raw_median_ms']:.1f}",
+             f"{r['rank0_up_runtime_median_ms']:.1f} / {r['rank0_down_runtime_median_ms']:.1f}"]
+            for r in results]
+    print(table(["N", "rounds", "rank 0: raw / runtime (ms)", "rank 0 paired ratio",
+                 "slowest rank: raw / runtime (ms)", "slowest paired ratio",
+                 "rank 0 raw up / down (ms)", "rank 0 runtime up / down (ms)"], rows))
+    print(f"resolver: {resolver}")
+    if not args.no_save:
+        path = save(result_name("startup_cold", resolver), {
+            "machine": machine(), "resolver": resolver, "mode": "cold", "rounds": args.rounds,
+            "results": results})
+        print(f"saved {path}", file=sys.stderr)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=("cold", "warm"), default="cold",
+                        help="cold: one runtime per fresh process (default); warm: rounds in one process")
+    parser.add_argument("--rounds", type=int, default=7, help="cold: paired rounds per size (default: 7)")
     parser.add_argument("--sizes", default="1,2,4,8,16", help="world sizes (default: 1,2,4,8,16)")
     parser.add_argument("--repeats", type=int, default=3, help="torchrun launches per size (default: 3)")
     parser.add_argument("--inner", type=int, default=5, help="timed rounds per launch (default: 5)")
@@ -79,6 +144,9 @@ def main() -> None:
     add_resolver_flag(parser)
     args = parser.parse_args()
     resolver = setup_resolver(args)
+    if args.mode == "cold":
+        main_cold(args, resolver)
+        return
 
     results: list[dict[str, Any]] = []
     for n in parse_sizes(args.sizes):

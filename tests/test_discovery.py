@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from distruntime.errors import LaunchEnvError
-from distruntime.launchers import LaunchEnv, derive_port, discover
+from distruntime.launchers import LaunchEnv, derive_port, discover, missing_mpi_rendezvous
 
 TORCHRUN = {
     "TORCHELASTIC_RUN_ID": "4082ed9b", "TORCHELASTIC_USE_AGENT_STORE": "True",
@@ -116,9 +116,40 @@ def test_openmpi_single_node_uses_loopback() -> None:
 def test_mpi_on_several_nodes_needs_master_addr() -> None:
     env = dict(OPENMPI_2NODES)
     del env["MASTER_ADDR"]
-    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR is not set.*mpirun -x MASTER_ADDR") as info:
+    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR not set: openmpi started 4 ranks on 2 nodes"
+                       r".*pip install 'distruntime\[mpi\]'.*export MASTER_ADDR on every rank"
+                       r" \(mpirun -x MASTER_ADDR") as info:
         discover(env)
     assert info.value.variable == "MASTER_ADDR"
+    assert missing_mpi_rendezvous(env) == ("MASTER_ADDR", "MASTER_PORT")
+    assert missing_mpi_rendezvous(OPENMPI_2NODES) == ("MASTER_PORT",)
+
+
+def test_mpich_on_several_nodes_names_both_variables() -> None:
+    env = {k: v for k, v in MPICH.items() if not k.startswith("MASTER_")}
+    env["MPI_LOCALNRANKS"] = "2"
+    with pytest.raises(LaunchEnvError, match=r"MASTER_ADDR and MASTER_PORT not set: mpich started 4 ranks "
+                       r"on 2 nodes.*-genv MASTER_ADDR"):
+        discover(env)
+    assert missing_mpi_rendezvous(env) == ("MASTER_ADDR", "MASTER_PORT")
+    assert missing_mpi_rendezvous(MPICH) == ()  # one node: derived, not broadcast
+
+
+def test_openmpi5_port_from_pmix_namespace() -> None:
+    env = {k: v for k, v in OPENMPI_2NODES.items() if k not in ("OMPI_MCA_ess_base_jobid", "MASTER_PORT")}
+    env["PMIX_NAMESPACE"] = "prterun-vm-123@1"
+    launch = discover(env)
+    assert launch.master_port == derive_port("prterun-vm-123@1")
+    assert launch.source("master_port") == "derived from PMIX_NAMESPACE"
+    assert launch.run_id == "openmpi-prterun-vm-123@1"
+
+
+def test_port_range_narrows_derived_ports() -> None:
+    env = {**OPENMPI_2NODES, "DISTRUNTIME_PORT_RANGE": "31000-31000"}
+    assert discover(env).master_port == 31000
+    with pytest.raises(LaunchEnvError, match=r"DISTRUNTIME_PORT_RANGE='80-90' is not a port range") as info:
+        discover({**env, "DISTRUNTIME_PORT_RANGE": "80-90"})
+    assert info.value.variable == "DISTRUNTIME_PORT_RANGE"
 
 
 def test_mpich_hydra() -> None:
@@ -127,7 +158,9 @@ def test_mpich_hydra() -> None:
 
 def test_mpich_without_port_says_how_to_pass_one() -> None:
     env = {k: v for k, v in MPICH.items() if k != "MASTER_PORT"}
-    with pytest.raises(LaunchEnvError, match="MASTER_PORT is not set"):
+    # No MPI launcher process above this test process: nothing to derive a port from.
+    with pytest.raises(LaunchEnvError, match=r"MASTER_PORT not set: mpich sets no job id variable and no "
+                       r"MPI launcher process .* was found.*-genv MASTER_PORT"):
         discover(env)
 
 

@@ -14,6 +14,10 @@ the order, each contender once:
 Before each timed section every rank meets at a store barrier (untimed), so the clock
 starts together on all ranks. Each rank writes its times (and memory) to
 ``<out>/rank<R>.json``; the harness takes the max over ranks.
+
+``--cold raw|runtime``: what a user pays -- one contender, once, in this fresh process
+(its first and only group): ``raw`` is ``init_process_group("gloo")`` (``env://``),
+``barrier()``, ``destroy_process_group()``; ``runtime`` is the ``with`` block.
 """
 
 from __future__ import annotations
@@ -57,6 +61,15 @@ def _raw(addr: str, port: int, rank: int, world: int, prefix: str) -> tuple[floa
     return t1 - t0, time.perf_counter() - t1
 
 
+def _raw_cold() -> tuple[float, float]:
+    t0 = time.perf_counter()
+    dist.init_process_group("gloo")  # env:// under torchrun: the agent's store
+    dist.barrier()
+    t1 = time.perf_counter()
+    dist.destroy_process_group()
+    return t1 - t0, time.perf_counter() - t1
+
+
 def _runtime() -> tuple[float, float]:
     t0 = time.perf_counter()
     runtime = DistributedRuntime("gloo")
@@ -71,6 +84,7 @@ def main() -> None:
     parser.add_argument("--inner", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", default="raw,runtime")
+    parser.add_argument("--cold", choices=("raw", "runtime"), help="time one contender once")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
@@ -81,7 +95,12 @@ def main() -> None:
     sync = PrefixStore("bench-sync", agent)
     variants = args.variants.split(",")
     records: list[dict[str, object]] = []
-    for i in range(args.warmup + args.inner):
+    if args.cold:
+        _sync(sync, "cold", world)
+        up, down = _raw_cold() if args.cold == "raw" else _runtime()
+        records.append({"iteration": 0, "variant": args.cold, "warmup": False,
+                        "up": up, "down": down, "total": up + down})
+    for i in range(0 if args.cold else args.warmup + args.inner):
         order = variants if i % 2 == 0 else variants[::-1]
         for variant in order:
             _sync(sync, f"{i}/{variant}", world)

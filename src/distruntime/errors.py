@@ -54,7 +54,8 @@ class RendezvousError(DistRuntimeError):
     Attributes:
         reason: a machine-readable cause: ``"port_in_use"``, ``"unresolvable"``,
             ``"unreachable"``, ``"not_a_store"``, ``"missing_ranks"``, ``"store_lost"``,
-            ``"duplicate_rank"``, ``"world_size_mismatch"`` (``""`` when unknown).
+            ``"duplicate_rank"``, ``"world_size_mismatch"``, ``"port_collision"`` (another job's
+            store on a derived port) (``""`` when unknown).
     """
 
     def __init__(self, message: str, *, reason: str = "") -> None:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from distruntime.errors import LaunchEnvError
 from distruntime.hostlist import first_host, tasks_on_node
 
-__all__ = ["LaunchEnv", "discover", "LAUNCHER_NAMES"]
+__all__ = ["LaunchEnv", "discover", "missing_mpi_rendezvous", "LAUNCHER_NAMES"]
 
 LOOPBACK = "127.0.0.1"
 
@@ -155,16 +155,49 @@ class _Reader:
         if not job_ids or not all(self.env.get(n, "").strip() for n in job_ids):
             return None
         key = "/".join(self.env[n].strip() for n in job_ids)
-        return self.derived("master_port", derive_port(key), f"derived from {'+'.join(job_ids)}")
+        return self.derived_port(key, f"derived from {'+'.join(job_ids)}")
+
+    def derived_port(self, key: str, origin: str) -> int:
+        """A port from ``key`` (a job id all ranks share), in ``DISTRUNTIME_PORT_RANGE``."""
+        raw = self.env.get(PORT_RANGE_VARIABLE, "").strip()
+        ports = _DEFAULT_PORTS
+        if raw:
+            low, _, high = raw.partition("-")
+            try:
+                ports = (int(low), int(high or low))
+            except ValueError:
+                ports = (0, 0)
+            if not 1024 <= ports[0] <= ports[1] <= 65535:
+                raise LaunchEnvError(
+                    f"{PORT_RANGE_VARIABLE}={raw!r} is not a port range such as '20000-39999' "
+                    "within 1024-65535 (read to derive this job's rendezvous port). Fix: set it "
+                    "to LOW-HIGH, or unset it.",
+                    variable=PORT_RANGE_VARIABLE,
+                    value=raw,
+                )
+        return self.derived("master_port", derive_port(key, ports), origin)
 
 
-def derive_port(key: str) -> int:
-    """A port in 20000-39999 that every rank computes alike from a job id.
+# Where derived ports fall; DISTRUNTIME_PORT_RANGE=LOW-HIGH narrows it (e.g. to what a
+# firewall allows between nodes).
+PORT_RANGE_VARIABLE = "DISTRUNTIME_PORT_RANGE"
+_DEFAULT_PORTS = (20000, 39999)
+
+
+def derive_port(key: str, ports: tuple[int, int] = _DEFAULT_PORTS) -> int:
+    """A port in ``ports`` (inclusive; default 20000-39999) that every rank computes
+    alike from a job id.
 
     Deterministic so that ranks agree without talking; spread by CRC32 so that two
-    jobs on one node rarely collide. ``MASTER_PORT`` always wins over it.
+    jobs on one node rarely collide (and when they do, the rendezvous says so).
+    ``MASTER_PORT`` always wins over it.
+
+    Example:
+        >>> derive_port("job-7", (30000, 30000))
+        30000
     """
-    return 20000 + zlib.crc32(key.encode()) % 20000
+    low, high = ports
+    return low + zlib.crc32(key.encode()) % (high - low + 1)
 
 
 def _record(
@@ -326,15 +359,18 @@ class _MpiSpec:
     world_size: str
     local_rank: str
     local_world_size: str
-    job_ids: tuple[str, ...]  # shared by all ranks of a job: used to derive a port
+    # Job id variables, any one of which all ranks of a job share: used to derive a
+    # port. Where a launcher sets none (Hydra), a one-node job uses its launcher process.
+    job_ids: tuple[str, ...]
     hint: str  # how to pass a variable through this launcher
 
 
 _OPENMPI = _MpiSpec("openmpi", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE",
                     "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE",
-                    ("OMPI_MCA_ess_base_jobid",), "mpirun -x MASTER_ADDR=<host of rank 0>")
+                    ("OMPI_MCA_ess_base_jobid", "PMIX_NAMESPACE"),
+                    "mpirun -x MASTER_ADDR=<host of rank 0> -x MASTER_PORT=<free port>")
 _MPICH = _MpiSpec("mpich", "PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS",
-                  (), "mpiexec -genv MASTER_ADDR <host of rank 0>")
+                  (), "mpiexec -genv MASTER_ADDR <host of rank 0> -genv MASTER_PORT <free port>")
 _MVAPICH = _MpiSpec("mvapich", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
                     "MV2_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_SIZE",
                     ("MPIRUN_ID",), "mpirun_rsh ... MASTER_ADDR=<host of rank 0>")
@@ -358,20 +394,62 @@ def _mpi(spec: _MpiSpec, env: Mapping[str, str]) -> LaunchEnv | None:
     else:
         host, origin = (LOOPBACK, "loopback: all ranks on one node") if num_nodes == 1 else (None, "")
     addr = r.address(host, origin)
-    if addr is None and world > 1:
-        raise LaunchEnvError(
-            f"{spec.launcher} started {world} ranks on {num_nodes} nodes ({spec.local_world_size}"
-            f"={local_world}) but gives no rendezvous address, and MASTER_ADDR is not set. "
-            f"Fix: {spec.hint}, an address of rank 0's node every rank can reach.",
-            variable="MASTER_ADDR",
-        )
-    port = r.port(*spec.job_ids)
+    job_var = r.first(spec.job_ids)
+    port, job = r.port(job_var) if job_var else r.port(), env.get(job_var or "", "")
+    if port is None and num_nodes == 1:
+        from distruntime.mpi import launcher_process  # reads /proc: only when needed
+
+        job = launcher_process() or ""
+        if job:
+            port = r.derived_port(job, f"derived from the {spec.launcher} launcher process ({job})")
+    missing = [n for n, v in (("MASTER_ADDR", addr), ("MASTER_PORT", port)) if v is None]
+    if missing and world > 1:
+        raise _no_mpi_rendezvous(spec, missing, world, num_nodes, local_world)
     return _record(
         r, rank=rank, world_size=world, local_rank=local_rank, local_world_size=local_world,
         node_rank=node_rank, num_nodes=num_nodes, master_addr=addr, master_port=port,
         reason=f"{spec.rank} and {spec.local_rank} are set (a {spec.launcher} rank)",
-        run_id=f"{spec.launcher}-" + "/".join(env.get(v, "") for v in spec.job_ids),
+        run_id=f"{spec.launcher}-{job}",
     )
+
+
+def _no_mpi_rendezvous(
+    spec: _MpiSpec, missing: list[str], world: int, nodes: int, local_world: int
+) -> LaunchEnvError:
+    names = " and ".join(missing)
+    if nodes > 1:
+        why = (f"{spec.launcher} started {world} ranks on {nodes} nodes ({spec.local_world_size}"
+               f"={local_world}) and names no host or port for the rendezvous, and mpi4py (which "
+               "would let rank 0 broadcast its own) is not installed")
+        fix = (f"pip install 'distruntime[mpi]' (mpi4py, built for this MPI), or export {names} on "
+               f"every rank ({spec.hint}; MASTER_ADDR: an address of rank 0's node all nodes reach)")
+    else:
+        why = (f"{spec.launcher} sets no job id variable and no MPI launcher process "
+               "(hydra_pmi_proxy, orted, mpirun, ...) was found above this rank to derive a port from")
+        fix = f"export {names} on every rank ({spec.hint})"
+    return LaunchEnvError(f"{names} not set: {why}. Fix: {fix}.", variable=missing[0])
+
+
+def missing_mpi_rendezvous(env: Mapping[str, str]) -> tuple[str, ...]:
+    """The ``MASTER_*`` variables an MPI launch over several nodes lacks (else ``()``).
+
+    Only what rank 0 must broadcast (:func:`distruntime.mpi.broadcast_rendezvous`):
+    a one-node job derives both, and a job that is not MPI has other sources.
+
+    Example:
+        >>> missing_mpi_rendezvous({"PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALRANKID": "0",
+        ...                         "MPI_LOCALNRANKS": "2"})
+        ('MASTER_ADDR', 'MASTER_PORT')
+    """
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return ()
+    for spec in (_OPENMPI, _MPICH, _MVAPICH):  # LSF names its hosts
+        if env.get(spec.rank) and env.get(spec.local_rank):
+            world, local = env.get(spec.world_size, ""), env.get(spec.local_world_size, "")
+            if not (world.isdigit() and local.isdigit()) or int(local) >= int(world):
+                return ()  # one node, or invalid: discovery says which
+            return tuple(n for n in ("MASTER_ADDR", "MASTER_PORT") if not env.get(n, "").strip())
+    return ()
 
 
 def _lsf_first_compute_host(env: Mapping[str, str]) -> tuple[str | None, str]:
@@ -509,7 +587,9 @@ def _single_process(reason: str, restart_count: int = 0) -> LaunchEnv:
 def discover(env: Mapping[str, str]) -> LaunchEnv:
     """Work out this process's place in the job from an environment mapping.
 
-    Pure: reads only ``env`` (pass ``os.environ`` for the real one).
+    Reads only ``env`` (pass ``os.environ`` for the real one), except for a one-node MPI
+    job whose launcher sets no job id (MPICH/Hydra, Intel MPI): its port is derived from
+    the launcher process above this rank, found in /proc (:mod:`distruntime.mpi`).
 
     Raises:
         LaunchEnvError: a partial set (``RANK`` without ``WORLD_SIZE``), a non-integer

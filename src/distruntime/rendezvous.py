@@ -21,18 +21,24 @@ import time
 from dataclasses import dataclass
 from datetime import timedelta
 
+import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
 from distruntime.errors import RendezvousError
 from distruntime.launchers import LaunchEnv
 
-__all__ = ["Rendezvous", "open_rendezvous", "barrier"]
+__all__ = ["Rendezvous", "arrive", "await_all", "barrier", "open_rendezvous"]
 
 logger = logging.getLogger("distruntime")
 
 # Shown in full up to this many ranks; longer lists are cut with a count.
 _MAX_LISTED = 16
+
+# From torch 2.5 a TCPStore client pings the server while connecting (pytorch#129985),
+# so a port held by a program that is not a store blocks the (bounded) constructor.
+# Before, the constructor returns at once and the first request waits instead.
+_CONNECT_PINGS = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,16 @@ def _whoami() -> str:
     return json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
 
 
+def _host_bytes(address: str) -> bytes | str:
+    """``address`` for the socket module: ASCII names as bytes, because a ``str`` is
+    IDNA-encoded first, and the first IDNA use imports ``encodings.idna`` and compiles
+    its tables -- about 2 ms of every process's start-up that torch's own lookup skips."""
+    return address.encode("ascii") if address.isascii() else address
+
+
 def _check_resolvable(launch: LaunchEnv, address: str, port: int) -> None:
     try:
-        socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)
+        socket.getaddrinfo(_host_bytes(address), port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise RendezvousError(
             f"MASTER_ADDR={address!r} (from {launch.source('master_addr')}) does not resolve "
@@ -102,17 +115,21 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     _check_resolvable(launch, host, port)
     is_host = launch.rank == 0 and not launch.agent_store
     waited = _seconds_left(deadline)
-    if not is_host and not _wait_for_listener(host, port, deadline):
+    # torchrun's agent listened before it started this worker: no need to wait for it.
+    if not is_host and not launch.agent_store and not _wait_for_listener(host, port, deadline):
         raise _unreachable(launch, host, port, waited)
     made: list[TCPStore] = []
     failed: list[BaseException] = []
 
     def construct() -> None:
         try:
-            made.append(TCPStore(
+            store = TCPStore(
                 host, port, is_master=is_host, timeout=timedelta(seconds=_seconds_left(deadline)),
                 wait_for_workers=False,
-            ))
+            )
+            if not is_host and not _CONNECT_PINGS:
+                store.check(["distruntime/hello"])  # one round trip: does a store answer?
+            made.append(store)
         except BaseException as error:
             failed.append(error)
 
@@ -123,6 +140,8 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     builder.start()
     builder.join(_seconds_left(deadline) + 0.2)
     if made:
+        if launch.source("master_port").startswith("derived"):
+            _check_owner(made[0], launch, is_host, deadline)
         return made[0], is_host
     if not failed:
         raise RendezvousError(
@@ -133,16 +152,45 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
         )
     try:
         raise failed[0]
-    except dist.DistNetworkError as exc:
+    except RuntimeError as exc:  # DistNetworkError; a bare RuntimeError before torch 2.5
         if "EADDRINUSE" in str(exc) or "address already in use" in str(exc):
+            derived = launch.source("master_port").startswith("derived")
             raise RendezvousError(
                 f"MASTER_PORT={port} ({launch.source('master_port')}) is already in use on "
                 f"{socket.gethostname()}, so rank 0 cannot host the rendezvous store there "
-                "(another job or program holds it). Fix: choose another MASTER_PORT, or stop "
-                "the program listening on it (`ss -ltnp | grep :PORT` shows which).",
+                + ("(another job on this node derived the same port, or a program holds it). "
+                   "Fix: export MASTER_PORT=<a free port> for this job (the same on every rank), "
+                   if derived else "(another job or program holds it). Fix: choose another MASTER_PORT, ")
+                + "or stop the program listening on it (`ss -ltnp | grep :PORT` shows which).",
                 reason="port_in_use",
             ) from None
         raise _unreachable(launch, host, port, waited) from None
+
+
+# Outside every namespace: the run id of the job whose rank 0 hosts a store on a
+# derived port, so that a rank of another job that derived the same port finds out.
+_OWNER_KEY = "distruntime/owner"
+
+
+def _check_owner(store: Store, launch: LaunchEnv, is_host: bool, deadline: float) -> None:
+    """On a derived port, make sure the store is this job's, not another job's."""
+    if is_host:
+        store.set(_OWNER_KEY, launch.run_id)
+        return
+    try:
+        owner = store.get(_OWNER_KEY).decode()  # waits (bounded) for the host to say
+    except dist.DistError:
+        owner = "(a store that never named its job: not a distruntime job)"
+    if owner != launch.run_id:
+        port = launch.master_port
+        raise RendezvousError(
+            f"rank {launch.rank}: the rendezvous store on port {port} ({launch.source('master_port')}) "
+            f"belongs to another job, {owner}, not to this one ({launch.run_id}): two jobs on "
+            f"{socket.gethostname()} derived the same port. Fix: export MASTER_PORT=<a free port> "
+            "for one of them (the same on all its ranks), or narrow DISTRUNTIME_PORT_RANGE differently "
+            "for each.",
+            reason="port_collision",
+        )
 
 
 def _wait_for_listener(host: str, port: int, deadline: float) -> bool:
@@ -156,7 +204,9 @@ def _wait_for_listener(host: str, port: int, deadline: float) -> bool:
         if left <= 0:
             return False
         try:
-            with socket.create_connection((host, port), timeout=min(left, 1.0)):
+            # bytes work at run time (typeshed says str): see _host_bytes.
+            address = (_host_bytes(host), port)
+            with socket.create_connection(address, timeout=min(left, 1.0)):  # type: ignore[arg-type]
                 return True
         except OSError:
             time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
@@ -182,8 +232,9 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
     store, launch = rdzv.store, rdzv.launch
     rank = launch.rank
     me = _whoami()
-    if store.add(f"claim/{rank}", 1) > 1:
-        other = store.get(f"who/{rank}").decode() if store.check([f"who/{rank}"]) else "another process"
+    # Claim the rank and say who holds it in one round trip: the first claimer's record stays.
+    other = store.compare_set(f"who/{rank}", "", me).decode()
+    if other != me:
         message = (
             f"rank {rank} is claimed by two processes: {other} and {me}. Two processes got the "
             f"same {launch.source('rank')}. Fix: give every process its own rank in "
@@ -191,7 +242,6 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
         )
         _abort(store, "join", f"duplicate_rank:{message}")
         raise RendezvousError(message, reason="duplicate_rank")
-    store.set(f"who/{rank}", me)
     claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}"
     first = store.compare_set("world_size", "", claim).decode()
     if first != claim and first.split("|")[0] != str(launch.world_size):
@@ -212,17 +262,45 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
     Only used at start-up (bounded by ``deadline``): it needs no process group, so a
     rank stuck before ``init_process_group`` is reported, not waited on forever.
     """
-    store, world = rdzv.store, rdzv.launch.world_size
-    if store.add(f"{phase}/count", 1) == world:
-        store.compare_set(f"{phase}/go", "", "ok")
-    try:
-        store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
-        verdict = store.get(f"{phase}/go").decode()
-    except dist.DistError as exc:
-        raise _waiting_error(rdzv, phase, exc) from None
+    store = rdzv.store
+    verdict = arrive(rdzv, phase)
+    if verdict is None:  # not the last to arrive: wait for the verdict
+        try:
+            store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
+            verdict = store.get(f"{phase}/go").decode()
+        except dist.DistError as exc:
+            raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
         reason, _, message = verdict.removeprefix("abort:").partition(":")
         raise RendezvousError(message, reason=reason)
+
+
+def arrive(rdzv: Rendezvous, phase: str) -> str | None:
+    """Say this rank reached ``phase``, without waiting for the others (see :func:`await_all`).
+
+    The last rank to arrive opens the phase and gets its verdict back (``"ok"``, or an
+    abort a failing rank left there); the others get ``None``.
+    """
+    if rdzv.store.add(f"{phase}/count", 1) == rdzv.launch.world_size:
+        return rdzv.store.compare_set(f"{phase}/go", "", "ok").decode()
+    return None
+
+
+def await_all(rdzv: Rendezvous, phase: str, timeout_s: float) -> int | None:
+    """Wait until every rank has :func:`arrive`-d at ``phase``.
+
+    Returns ``None`` when they have, or when the store is gone (its host left, which
+    it does only after the agreement); else, after ``timeout_s``, how many had arrived.
+    """
+    try:
+        rdzv.store.wait([f"{phase}/go"], timedelta(seconds=timeout_s))
+        return None
+    except dist.DistError as error:
+        try:
+            return int(rdzv.store.add(f"{phase}/count", 0))
+        except dist.DistError:
+            logger.debug("no agreement on '%s': the store is gone (%s)", phase, error)
+            return None
 
 
 def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousError:

@@ -39,8 +39,9 @@ from distruntime.errors import (
 )
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
 from distruntime.info import DistInfo
-from distruntime.launchers import LaunchEnv, discover
-from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
+from distruntime.launchers import LaunchEnv, discover, missing_mpi_rendezvous
+from distruntime.mpi import broadcast_rendezvous
+from distruntime.rendezvous import Rendezvous, arrive, await_all, open_rendezvous
 from distruntime.stop import DEFAULT_STOP_SIGNALS, StopCoordinator, requeue_slurm_job
 from distruntime.stop import start as start_stop
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
@@ -218,7 +219,11 @@ class DistributedRuntime:
     def __enter__(self) -> DistInfo:
         with _REGISTRY.lock:
             session = _REGISTRY.session
-            launch = discover(self._environment())
+            env = self._environment()
+            if session is None and (missing := missing_mpi_rendezvous(env)):
+                # MPI over several nodes naming no rendezvous: rank 0 broadcasts one (mpi4py).
+                env = broadcast_rendezvous(env, missing)
+            launch = discover(env)
             if session is not None:
                 _check_compatible(session.info, self.backend, launch)
                 session.depth += 1
@@ -382,9 +387,10 @@ class DistributedRuntime:
             timeout=timeout, device_id=device_id,
         )
         if session.rendezvous is not None:
-            # Every rank is past init_process_group before any may tear down (rank 0
-            # leaving early would take the store away from a rank still connecting).
-            barrier(session.rendezvous, "ready", deadline)
+            # No waiting here: the agreement that every rank is past init_process_group
+            # (rank 0 leaving early would take the store away from a rank still
+            # connecting) is checked at teardown, when it has long been reached.
+            arrive(session.rendezvous, "ready")
         if self.graceful_stop:
             stop_timeout_s = (self.collective_timeout_minutes or 30.0) * 60
             rdzv_store = session.rendezvous.store if session.rendezvous is not None else None
@@ -528,6 +534,8 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
                 peer_error[0] = report_failure(rdzv, session.info.rank, exc)
 
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
+        elif rdzv is not None:
+            _agree_to_leave(rdzv, timeout_s)
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
         if exc is not None and rdzv is not None and rdzv.hosts_store:
             run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
@@ -536,6 +544,21 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
         session.env_patch.restore()
     logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
     return peer_error[0]
+
+
+def _agree_to_leave(rdzv: Rendezvous, timeout_s: float) -> None:
+    """Success path: leave only once every rank is past ``init_process_group``.
+
+    Start-up does not wait for it (each rank only records its arrival), so in a real
+    job this is one store round trip that finds the agreement long reached. Bounded:
+    past ``timeout_s`` the rank leaves anyway, with a warning.
+    """
+    arrived = await_all(rdzv, "ready", timeout_s)
+    if arrived is not None:
+        logger.warning(
+            "rank %d leaves after waiting %.1fs although only %d of %d ranks finished starting up",
+            rdzv.launch.rank, timeout_s, arrived, rdzv.launch.world_size,
+        )
 
 
 # ---------------------------------------------------------------------- process-wide

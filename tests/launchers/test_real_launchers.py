@@ -36,7 +36,6 @@ from harness import (
     ensure_installed,
     job_context,
     mpich_prefix,
-    netns_pair_cm,
     openmpi_prefix,
     probe_args,
     probe_cmd,
@@ -55,13 +54,6 @@ JOB_TIMEOUT_S = 120.0
 
 
 # ----------------------------------------------------------------- fixtures
-
-
-@pytest.fixture(scope="session")
-def netns_pair() -> Iterator[NetnsPair]:
-    """Namespaces drtn1/drtn2 = hosts node1/node2; fails, never skips."""
-    with netns_pair_cm() as pair:
-        yield pair
 
 
 @pytest.fixture(scope="session")
@@ -186,12 +178,11 @@ def test_slurm_batch_script_single_process(
 
 
 def _mpi_env(port: int, nodes: int) -> dict[str, str]:
-    extra = {"MASTER_PORT": str(port)}
-    if nodes == 2:
-        # the two "nodes" are 127.0.0.1 and 127.0.0.2 on this host; an MPI
-        # launcher names no rank-0 host, so the caller must
-        extra["MASTER_ADDR"] = "127.0.0.1"
-    return clean_env(extra)
+    if nodes == 1:
+        return clean_env()  # no MASTER_*: loopback, and a port derived from the job
+    # the two "nodes" are 127.0.0.1 and 127.0.0.2 on this host; an MPI launcher names
+    # no rank-0 host, so the caller must (or mpi4py: test_mpi_rendezvous.py)
+    return clean_env({"MASTER_PORT": str(port), "MASTER_ADDR": "127.0.0.1"})
 
 
 def _run_mpi(prefix: list[str], probe_out: Path, env: dict[str, str], what: str) -> str:
@@ -212,8 +203,8 @@ def test_openmpi(openmpi: str, probe_out: Path, nodes: int) -> None:
         "openmpi",
         Placement.block(nodes, 4 // nodes),
         context=context,
-        master_addr="127.0.0.1" if nodes == 2 else None,
-        master_port=port,
+        master_addr="127.0.0.1",
+        master_port=port if nodes == 2 else None,
     )
 
 
@@ -227,8 +218,8 @@ def test_mpich(mpich: str, probe_out: Path, nodes: int) -> None:
         "mpich",
         Placement.block(nodes, 4 // nodes),
         context=context,
-        master_addr="127.0.0.1" if nodes == 2 else None,
-        master_port=port,
+        master_addr="127.0.0.1",
+        master_port=port if nodes == 2 else None,
     )
 
 
