@@ -80,15 +80,21 @@ def main() -> None:
         results.append({"loop": label, "rounds": len(raw), "raw_s": raw, "runtime_s": rt,
                         "raw_median_s": median(raw), "runtime_median_s": median(rt),
                         "ratio_of_medians": median(rt) / median(raw), "median_paired_ratio": median(paired)})
+    runtime_records = [rec for w in workers for rec in w["records"] if rec["variant"] == "runtime"]
+    ticks = [int(rec.get("watchdog_ticks", 0)) for rec in runtime_records]
+    cpu = [float(rec.get("watchdog_cpu_s", 0.0)) for rec in runtime_records]
+    per_tick_us = sum(cpu) / max(sum(ticks), 1) * 1e6
     rows = [[r["loop"], r["rounds"], f"{r['raw_median_s'] * 1e3:.1f}", f"{r['runtime_median_s'] * 1e3:.1f}",
              f"{r['ratio_of_medians']:.3f}", f"{r['median_paired_ratio']:.3f}"] for r in results]
     print(f"{args.nproc} ranks, gloo, CPU; runtime with hang_timeout_s={args.hang_timeout:g} (watchdog on)")
     headers = ["loop", "rounds", "raw (ms)", "runtime (ms)", "ratio of medians", "median paired ratio"]
     print(table(headers, rows))
+    print(f"watchdog thread: {sum(ticks)} ticks, {per_tick_us:.0f} us of CPU per tick (last launch)")
     if not args.no_save:
         path = save("watchdog", {"machine": machine(), "nproc": args.nproc, "repeats": args.repeats,
                                  "rounds": args.rounds, "hang_timeout_s": args.hang_timeout,
-                                 "loadavg_1min": loads, "results": results})
+                                 "loadavg_1min": loads, "results": results,
+                                 "watchdog_cpu_us_per_tick": per_tick_us, "watchdog_ticks": sum(ticks)})
         print(f"saved {path}", file=sys.stderr)
 
 

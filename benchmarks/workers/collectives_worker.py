@@ -20,6 +20,7 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +52,14 @@ def _loops(sync: Store, key: str, world: int, small: int, large: int) -> tuple[f
     return t1 - t0, time.perf_counter() - t2
 
 
+def _watchdog() -> Any:
+    """The live runtime's watchdog (private: a benchmark reads its tick count and CPU time)."""
+    from distruntime.runtime import _REGISTRY
+
+    session = _REGISTRY.session
+    return session.watchdog if session is not None else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=4)
@@ -75,7 +84,11 @@ def main() -> None:
             else:
                 with DistributedRuntime("gloo", hang_timeout_s=args.hang_timeout):
                     small, large = _loops(sync, key, world, args.small, args.large)
+                    watchdog = _watchdog()
+                    ticks, cpu = (watchdog.ticks, watchdog.cpu_s) if watchdog is not None else (0, 0.0)
             records.append({"round": i, "variant": variant, "small": small, "large": large})
+            if variant == "runtime":
+                records[-1].update(watchdog_ticks=ticks, watchdog_cpu_s=cpu)
     _sync(sync, "done", world)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "records": records}))
 

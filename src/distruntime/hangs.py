@@ -132,10 +132,11 @@ def _group_label(name: str, desc: str) -> str:
 
 def main_stack(frame: FrameType | None) -> list[str]:
     """The frames of a stack, outermost first, as ``file:line in func`` strings."""
-    if frame is None:
-        return []
-    summary = traceback.extract_stack(frame, limit=_STACK_LIMIT)
-    return [f"{f.filename}:{f.lineno} in {f.name}" for f in summary]
+    frames: list[str] = []
+    while frame is not None and len(frames) < _STACK_LIMIT:  # no source lines read: cheap
+        frames.append(f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        frame = frame.f_back
+    return frames[::-1]
 
 
 def innermost_user_frame(stack: list[str]) -> str:
