@@ -279,3 +279,44 @@ def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     calls.clear()
     watchdog.abort_blocked_collectives("cpu:gloo,cuda:nccl", frozenset(), set())
     assert calls == ["abort", "sockets"]
+
+
+_GIL_SCRIPT = """
+import ctypes, threading, time
+from torch._C._distributed_c10d import HashStore
+from distruntime.watchdog import Watchdog, WatchdogConfig
+
+def hold_the_gil():
+    print("GIL", time.time(), threading.main_thread().ident, flush=True)
+    ctypes.PyDLL(None).sleep(30)  # PyDLL: the GIL stays held for the whole call
+
+watchdog = Watchdog(HashStore(), WatchdogConfig(0, 2, 5.0, "gloo", frozenset()))
+watchdog.start()
+hold_the_gil()
+"""
+
+
+def test_stack_of_a_rank_holding_the_gil_lands_on_disk() -> None:
+    """The watchdog's dead man's switch: with the GIL held in C, no Python thread can run,
+    yet faulthandler's C thread writes the main thread's stack within 2 ticks + 0.5 s."""
+    from distruntime.watchdog import local_view
+
+    proc = subprocess.Popen([sys.executable, "-c", _GIL_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        assert line and line[0] == "GIL", line
+        took, main = float(line[1]), int(line[2])
+        deadline = time.monotonic() + 20
+        view: dict[str, object] = {}
+        while time.monotonic() < deadline and not view.get("stack"):
+            view = local_view(proc.pid, main)
+            time.sleep(0.05)
+        landed = time.time() - took
+        assert view.get("stack"), view
+        assert view["stack"][-1] == "<string>:8 in hold_the_gil", view  # type: ignore[index]
+        assert view["proc"] in ("S", "R")  # alive, not stopped: "holding the GIL" in the verdict
+        assert landed < 5.0, f"stack on disk {landed:.1f} s after the GIL was taken (armed for 1.5 s)"
+    finally:
+        proc.kill()
+        proc.wait(10)
