@@ -77,6 +77,7 @@ class Outcome:
 _HANG_S = 5.0
 _CULPRIT_PY = ("in a collective; rank 2 running Python at", "HangError", "fault.py:")
 _CULPRIT_GIL = ("in a collective; rank 2 blocked in native code holding the GIL", "HangError")
+_IN_ERROR_FILE = "traceback : distruntime.errors.HangError: hang: a rank waited"
 _TERM = signal.SIGTERM
 _KILL = signal.SIGKILL
 _INT = signal.SIGINT
@@ -161,10 +162,11 @@ SCENARIOS: tuple[Scenario, ...] = (
          ("desync: collective #3 of group default: ranks 0, 1, 3 in barrier(); rank 2 in all_reduce",)),
         ("hang in a subgroup", "procs", "subgroup", 4, 1,
          ("in a collective; rank 1 running Python at", "(group pair)")),
-        ("sleep before a collective", "torchrun", "sleep", 4, 2, _CULPRIT_PY),
-        ("blocked in C holding the GIL", "torchrun", "gil", 4, 2, _CULPRIT_GIL),
+        # under torchrun the verdict is also in each rank's error file: torchrun's summary shows it
+        ("sleep before a collective", "torchrun", "sleep", 4, 2, (*_CULPRIT_PY, _IN_ERROR_FILE)),
+        ("blocked in C holding the GIL", "torchrun", "gil", 4, 2, (*_CULPRIT_GIL, _IN_ERROR_FILE)),
         ("all_gather where the others all_reduce", "torchrun", "op", 4, 2,
-         ("rank 2 in all_gather([4] float32)",)),
+         ("rank 2 in all_gather([4] float32)", _IN_ERROR_FILE)),
         ("SIGSTOP", "spawn", "sigstop", 3, 1, ("in a collective; rank 1 stopped (SIGSTOP",)),
         ("busy Python loop", "spawn", "busy", 3, 1, ("in a collective; rank 1 running Python at",)),
         ("blocked in C holding the GIL", "openmpi", "gil", 3, 1,
