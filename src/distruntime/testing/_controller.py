@@ -19,9 +19,11 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,6 +34,7 @@ from typing import Any, cast
 
 import pytest
 
+from distruntime.testing import _coverage
 from distruntime.testing._merge import MergeInfo, RankResult, keywords, merge
 from distruntime.testing._spec import SPEC_KEY, DistSpec
 
@@ -249,7 +252,8 @@ class _Pool:
 def _rank_env() -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items()
-        if k not in _DROPPED_VARS and not k.startswith(_DROPPED_PREFIXES)
+        if k not in _DROPPED_VARS and k not in _coverage.AUTOSTART_VARS
+        and not k.startswith(_DROPPED_PREFIXES)
     }
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the machine's cores
     if sys.platform.startswith("linux"):
@@ -282,6 +286,7 @@ class Controller:
         self._start_failures: dict[int, tuple[int, str]] = {}
         self._cuda_count: int | None = None
         self._zygote: _Zygote | None = None
+        self._coverage: _coverage.CoverageSettings | None = None
 
     def __repr__(self) -> str:
         return f"Controller(pools={list(self._pools)}, tests={self._seq})"
@@ -345,7 +350,11 @@ class Controller:
         return spec.backend, ""
 
     def shutdown(self) -> None:
-        """Stop every pool; release the store."""
+        """Stop every pool, merge the ranks' coverage data, release the store and scratch files.
+
+        Called when the test loop ends (before pytest-cov combines) and again, as a
+        no-op, at unconfigure.
+        """
         while self._pools:
             _, pool = self._pools.popitem()
             pool.stop()
@@ -353,6 +362,11 @@ class Controller:
             self._zygote.stop()
             self._zygote = None
         self._store = None
+        if self._base is not None:
+            if self._coverage is not None:
+                _coverage.merge_into_current(self._base / "coverage")
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
 
     # ------------------------------------------------------------------ pools
     def _pool_for(self, item: pytest.Item, spec: DistSpec, fresh: bool) -> _Pool:
@@ -414,6 +428,7 @@ class Controller:
                     "rank": w.rank, "world_size": world_size, "store_host": _LOOPBACK,
                     "store_port": int(store.port),
                     "pytest_args": self._pytest_args(nodeids, pool_dir / f"rank{w.rank}-tmp"),
+                    "coverage": self._coverage,
                 }))
             self._await_ready(pool)
         except BaseException:
@@ -614,6 +629,8 @@ class Controller:
             logger.warning("the zygote process exited; starting another")
             self._zygote = None
         if self._zygote is None:
+            # Measured once, when the first pool starts (pytest-cov has started by then).
+            self._coverage = _coverage.rank_settings(self.config, self._basedir() / "coverage")
             zygote = _Zygote(self._basedir(), _rank_env(), str(self.config.invocation_params.dir),
                              capture_off=self.config.getoption("capture", "fd") == "no")
             self._get_store()  # the controller imports torch while the zygote does
@@ -639,14 +656,9 @@ class Controller:
         return self._store
 
     def _basedir(self) -> Path:
+        """Scratch space of this controller (logs, shared dirs, rank coverage); removed at shutdown."""
         if self._base is None:
-            factory = getattr(self.config, "_tmp_path_factory", None)
-            if factory is not None:
-                self._base = Path(factory.mktemp("distruntime", numbered=True))
-            else:  # the tmpdir plugin is disabled
-                import tempfile
-
-                self._base = Path(tempfile.mkdtemp(prefix="distruntime-"))
+            self._base = Path(tempfile.mkdtemp(prefix="pytest-distruntime-"))
         return self._base
 
     def _pytest_args(self, nodeids: list[str], basetemp: Path) -> list[str]:

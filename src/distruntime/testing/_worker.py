@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from distruntime.testing import _context
+from distruntime.testing import _context, _coverage
 
 __all__ = ["RankServer", "preload", "serve"]
 
@@ -95,6 +95,7 @@ class RankServer:
         self.sending = False
         self.expected_next: str | None = None
         self.broken = False
+        self.coverage: Any = None  # this rank's coverage.Coverage when the session measures
 
     def __repr__(self) -> str:
         return f"RankServer(rank={self.rank}, world_size={self.world_size})"
@@ -129,6 +130,8 @@ class RankServer:
             if kind == "run":
                 self._run(session, items, payload)
         self._teardown_all(session)
+        if self.coverage is not None:
+            _coverage.save_in_rank(self.coverage)
         # The rest of pytest's shutdown (summary, unconfigure, gc passes) is of no use
         # here and costs about a second with torch loaded.
         _exit_now(0)
@@ -189,6 +192,8 @@ class RankServer:
         result["notes"] = self._hygiene(env_expected, env_before)
         result["peer_failures"] = ctx.peer_failures
         result["broken"] = self.broken
+        if self.coverage is not None:
+            _coverage.save_in_rank(self.coverage)
         self.conn.send(("done", result))
 
     def _fix_setup_stack(self, session: pytest.Session, item: pytest.Item) -> None:
@@ -269,9 +274,13 @@ def serve(fd: int, stack_path: str) -> NoReturn:
     assert kind == "init", kind
     _context.mark_rank_process()
     server = RankServer(conn, init)
+    plugins: list[object] = []
+    if init.get("coverage"):
+        # Started before the session collects, so import-time lines of test modules count.
+        server.coverage, plugins = _coverage.start_in_rank(init["coverage"], server.rank, os.getpid())
     code: int | pytest.ExitCode = 0
     try:
-        code = pytest.main(list(init["pytest_args"]), plugins=[server])
+        code = pytest.main(list(init["pytest_args"]), plugins=[server, *plugins])
     except BaseException:
         conn.send(("fatal", traceback.format_exc()))
         code = 3

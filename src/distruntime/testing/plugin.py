@@ -32,7 +32,7 @@ Options: ``--drt-timeout`` (ini ``drt_timeout``, default 60 s), ``--drt-grace``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -118,6 +118,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if state is not None and state.controller is not None:
         state.controller.shutdown()
         state.controller = None
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """Stop the rank pools as soon as the test loop ends (-x, --maxfail, the last test).
+
+    The innermost wrapper: the ranks' coverage is merged here, before pytest-cov's own
+    wrapper saves and combines.
+    """
+    try:
+        return (yield)
+    finally:
+        state = session.config.stash.get(_STATE_KEY, None)
+        if state is not None and state.controller is not None:
+            state.controller.shutdown()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
