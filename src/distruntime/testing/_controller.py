@@ -36,7 +36,7 @@ import pytest
 
 from distruntime.testing import _coverage
 from distruntime.testing._merge import MergeInfo, RankResult, keywords, merge
-from distruntime.testing._spec import SPEC_KEY, DistSpec
+from distruntime.testing._spec import OUTER_TIMEOUT_KEY, SPEC_KEY, DistSpec
 
 __all__ = ["Controller", "Settings"]
 
@@ -299,6 +299,9 @@ class Controller:
             return _skip_reports(item, reason)
         fresh = spec.isolation == "fresh" or self.settings.fresh
         timeout_s, origin = self._timeout(spec)
+        outer = item.stash.get(OUTER_TIMEOUT_KEY, None)
+        if outer is not None and outer[0] < timeout_s:  # pytest-timeout's is shorter: it wins
+            timeout_s, origin = outer
         started = time.monotonic()
         try:
             pool = self._pool_for(item, spec, fresh)
@@ -324,6 +327,7 @@ class Controller:
             world_size=spec.world_size, backend=backend, timeout_s=timeout_s, timeout_origin=origin,
             elapsed_s=time.monotonic() - started, timed_out=timed_out, grace_s=self.settings.grace_s,
             full_report=self.settings.full_report,
+            show_capture=str(self.config.getoption("showcapture", "all")),
         )
         reports = merge(item, results, info)
         # What the ranks do not see (starting a pool, dispatch) counts as set-up time,

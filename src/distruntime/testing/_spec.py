@@ -11,7 +11,10 @@ from dataclasses import dataclass
 
 import pytest
 
-__all__ = ["MARKER", "MARKER_HELP", "SPEC_KEY", "WS_PARAM", "DistSpec", "expand_world_sizes", "spec_for_item"]
+__all__ = [
+    "MARKER", "MARKER_HELP", "OUTER_TIMEOUT_KEY", "SPEC_KEY", "WS_PARAM", "DistSpec", "expand_world_sizes",
+    "take_over_pytest_timeout", "spec_for_item",
+]
 
 MARKER = "distributed"
 MARKER_HELP = (
@@ -58,6 +61,49 @@ class DistSpec:
 
 # Set on every distributed item at collection time.
 SPEC_KEY = pytest.StashKey[DistSpec]()
+
+
+# pytest-timeout's deadline of a distributed item, (seconds, origin), when it has one.
+OUTER_TIMEOUT_KEY = pytest.StashKey[tuple[float, str]]()
+
+
+def _pytest_timeout(item: pytest.Item) -> tuple[float, str] | None:
+    """pytest-timeout's effective timeout of ``item`` (marker > --timeout > $PYTEST_TIMEOUT > ini)."""
+    import os
+
+    mark = item.get_closest_marker("timeout")
+    config = item.config
+    if mark is not None:
+        raw: object = mark.args[0] if mark.args else mark.kwargs.get("timeout")
+        origin = "@pytest.mark.timeout({})"
+    elif config.getoption("timeout", None) is not None:
+        raw, origin = config.getoption("timeout"), "--timeout={}"
+    elif os.environ.get("PYTEST_TIMEOUT"):
+        raw, origin = os.environ["PYTEST_TIMEOUT"], "PYTEST_TIMEOUT={}"
+    else:
+        raw, origin = config.getini("timeout"), "ini timeout={}"
+    try:
+        seconds = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    origin = origin.format(f"{seconds:g}")
+    return (seconds, f"{origin} (pytest-timeout)") if seconds > 0 else None
+
+
+def take_over_pytest_timeout(item: pytest.Item) -> None:
+    """Enforce pytest-timeout's deadline on a distributed item with the plugin's own.
+
+    pytest-timeout would interrupt the controller (or, in a rank, the test) without the
+    other ranks' stacks and without stopping them cleanly. So its timeout is recorded
+    for the controller, which applies the smaller of the two deadlines, and switched
+    off for the item with a ``timeout(0)`` marker placed first.
+    """
+    if not item.config.pluginmanager.hasplugin("timeout"):
+        return
+    outer = _pytest_timeout(item)
+    if outer is not None:
+        item.stash[OUTER_TIMEOUT_KEY] = outer
+    item.add_marker(pytest.mark.timeout(0), append=False)
 
 
 def _bad(where: str, message: str) -> BaseException:
