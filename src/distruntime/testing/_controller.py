@@ -667,38 +667,38 @@ class Controller:
 
     def _pytest_args(self, nodeids: list[str], basetemp: Path) -> list[str]:
         """The controller's relevant options, for the ranks' own pytest sessions."""
-        opt = self.config.option
+        opt = self.config.getoption  # public accessor; dest names checked by test_pytest_compat
         args = [
             f"--rootdir={self.config.rootpath}",
             "-p", "no:cacheprovider",
             "-o", "addopts=",  # already applied here; re-reading them could start xdist in a rank
             f"--basetemp={basetemp}",
             "--color=no",
-            f"--import-mode={getattr(opt, 'importmode', 'prepend')}",
-            f"--capture={getattr(opt, 'capture', 'fd')}",
-            f"--tb={getattr(opt, 'tbstyle', 'auto')}",
-            f"--assert={getattr(opt, 'assertmode', 'rewrite')}",
+            f"--import-mode={opt('importmode', 'prepend')}",
+            f"--capture={opt('capture', 'fd')}",
+            f"--tb={opt('tbstyle', 'auto')}",
+            f"--assert={opt('assertmode', 'rewrite')}",
         ]
         if self.config.inipath is not None:
             args += ["-c", str(self.config.inipath)]
-        for plugin in getattr(opt, "plugins", None) or []:
+        for plugin in opt("plugins", None) or []:
             args += ["-p", plugin]
-        for override in getattr(opt, "override_ini", None) or []:
+        for override in opt("override_ini", None) or []:
             args += ["-o", override]
-        for warning in getattr(opt, "pythonwarnings", None) or []:
+        for warning in opt("pythonwarnings", None) or []:
             args += ["-W", warning]
         # The rank process imports distruntime before its pytest session starts.
         args += ["-W", "ignore:Module already imported so cannot be rewritten"
                        ":pytest.PytestAssertRewriteWarning"]
-        if getattr(opt, "showlocals", False):
+        if opt("showlocals", False):
             args.append("-l")
-        if getattr(opt, "confcutdir", None):
-            args.append(f"--confcutdir={opt.confcutdir}")
-        if getattr(opt, "noconftest", False):
+        if opt("confcutdir", None):
+            args.append(f"--confcutdir={opt('confcutdir')}")
+        if opt("noconftest", False):
             args.append("--noconftest")
-        if getattr(opt, "log_level", None):
-            args.append(f"--log-level={opt.log_level}")
-        verbose = int(getattr(opt, "verbose", 0))
+        if opt("log_level", None):
+            args.append(f"--log-level={opt('log_level')}")
+        verbose = int(opt("verbose", 0))
         args += ["-v"] * verbose if verbose > 0 else ["-q"] * (-verbose)
         return [*args, *nodeids]
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from distruntime.testing._pytest_compat import add_pseudo_argument, callspec_params
+
 __all__ = [
     "MARKER", "MARKER_HELP", "OUTER_TIMEOUT_KEY", "SPEC_KEY", "WS_PARAM", "DistSpec", "expand_world_sizes",
     "take_over_pytest_timeout", "spec_for_item",
@@ -175,8 +177,7 @@ def expand_world_sizes(metafunc: pytest.Metafunc) -> None:
     if not is_list:
         return
     # A pseudo-argument: the value lives in callspec.params; the test never receives it.
-    if WS_PARAM not in metafunc.fixturenames:
-        metafunc.fixturenames.append(WS_PARAM)
+    add_pseudo_argument(metafunc, WS_PARAM)
     metafunc.parametrize(WS_PARAM, sizes, ids=[f"ws{n}" for n in sizes])
 
 
@@ -188,8 +189,8 @@ def spec_for_item(item: pytest.Item) -> DistSpec | None:
     if mark is None:
         return None
     _, _, spec = parse_marker(mark, item.nodeid)
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and WS_PARAM in callspec.params:
-        size = callspec.params[WS_PARAM]
+    params = callspec_params(item)
+    if WS_PARAM in params:
+        size = params[WS_PARAM]
         return DistSpec(size, spec.backend, spec.timeout, spec.init, spec.isolation)
     return spec

@@ -33,7 +33,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from distruntime.testing import _context, _coverage
+from distruntime.testing import _context, _coverage, _pytest_compat
 
 __all__ = ["RankServer", "preload", "serve"]
 
@@ -172,9 +172,7 @@ class RankServer:
         elif isinstance(item, pytest.Function):
             # The group is set up first, so a failing fixture on one rank is reported
             # to its peers (they are past the rendezvous) instead of stranding them in it.
-            if "dist_info" in item.fixturenames:
-                item.fixturenames.remove("dist_info")
-            item.fixturenames.insert(0, "dist_info")
+            _pytest_compat.move_fixture_first(item, "dist_info")
         env_expected = dict(os.environ)
         _reset_runtime_generation()
         _context.activate(ctx)
@@ -207,11 +205,8 @@ class RankServer:
 
     def _teardown_exact(self, session: pytest.Session, item: pytest.Item | None, what: str) -> None:
         """Tear fixtures down to what ``item`` shares (``None``: everything); log failures."""
-        setupstate = getattr(session, "_setupstate", None)
-        if setupstate is None:
-            return
         try:
-            setupstate.teardown_exact(item)
+            _pytest_compat.teardown_exact(session, item)
         except BaseException as exc:
             logger.warning("rank %d: %s failed: %s", self.rank, what, exc)
 
