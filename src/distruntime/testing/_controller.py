@@ -35,6 +35,7 @@ from typing import Any, cast
 import pytest
 
 from distruntime.testing import _coverage
+from distruntime.testing._debugger import DebugGate, rerun_command, terminal_path
 from distruntime.testing._merge import MergeInfo, RankResult, keywords, merge
 from distruntime.testing._spec import OUTER_TIMEOUT_KEY, SPEC_KEY, DistSpec
 
@@ -287,6 +288,9 @@ class Controller:
         self._cuda_count: int | None = None
         self._zygote: _Zygote | None = None
         self._coverage: _coverage.CoverageSettings | None = None
+        self._gate = DebugGate()
+        self._tty: str | None = None
+        self._exit_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"Controller(pools={list(self._pools)}, tests={self._seq})"
@@ -310,6 +314,7 @@ class Controller:
         self._seq += 1
         results = [RankResult(w.rank) for w in pool.workers]
         timed_out = False
+        self._gate.new_test()
         try:
             job = self._job(item, nextitem, spec, backend=backend, timeout_s=timeout_s, fresh=fresh)
             for w in pool.workers:
@@ -335,6 +340,12 @@ class Controller:
         overhead = info.elapsed_s - sum(r.duration for r in reports)
         if overhead > 0:
             reports[0].duration += overhead
+        failed = next((r for r in reports if r.failed), None)
+        if self.config.getoption("usepdb", False) and self._tty is None and failed is not None:
+            failed.sections.append(("distruntime --pdb", (
+                "no terminal to open the failing rank's debugger on (this pytest has no controlling "
+                f"terminal), so none was opened. To debug it, run from a terminal:\n"
+                f"  {rerun_command(self.config, item.nodeid)}")))
         for r in results:
             for note in r.notes:
                 text = f"rank {r.rank}: the test {note}"
@@ -342,6 +353,11 @@ class Controller:
                 with contextlib.suppress(Warning):  # -W error: the section still says it
                     item.warn(pytest.PytestWarning(text))
         return reports
+
+    def take_exit(self) -> str | None:
+        """Why the session must stop now (``q`` in a rank's debugger), once."""
+        reason, self._exit_reason = self._exit_reason, None
+        return reason
 
     def resolve_backend(self, spec: DistSpec) -> tuple[str | None, str]:
         """``auto`` -> nccl with enough CUDA devices, else gloo; None + reason: skip."""
@@ -433,6 +449,7 @@ class Controller:
                     "store_port": int(store.port),
                     "pytest_args": self._pytest_args(nodeids, pool_dir / f"rank{w.rank}-tmp"),
                     "coverage": self._coverage,
+                    "pdb_tty": self._tty,
                 }))
             self._await_ready(pool)
         except BaseException:
@@ -523,9 +540,11 @@ class Controller:
         deadline = time.monotonic() + timeout_s
         grace_end: float | None = None
         pending = {w.conn: w for w in pool.workers}
-        while pending:
+        while pending and self._exit_reason is None:
             now = time.monotonic()
             limit = deadline if grace_end is None else min(deadline, grace_end)
+            if self._gate.active:  # a rank is in its debugger: no deadline, no grace meanwhile
+                limit = now + 0.5
             if now >= limit:
                 break
             for ready in wait(list(pending), timeout=min(limit - now, 0.5)):
@@ -537,8 +556,12 @@ class Controller:
                 if not w.alive() and not conn.poll():
                     self._died(pool, w, results[w.rank])
                     del pending[conn]
+            paused = self._gate.take_pause()  # the clocks restart where they stopped
+            deadline += paused
+            grace_end = grace_end + paused if grace_end is not None else None
             if grace_end is None and any(_has_problem(r) for r in results):
                 grace_end = time.monotonic() + self.settings.grace_s
+        self._gate.release()
         if not pending:
             return False
         timed_out = time.monotonic() >= deadline
@@ -558,6 +581,9 @@ class Controller:
             self._died(pool, w, result)
             return False
         kind = message[0]
+        if kind in ("pdb", "pdb-done"):
+            self._debugger_message(pool, w, kind)
+            return True
         if kind == "report":
             report = self.config.hook.pytest_report_from_serializable(config=self.config, data=message[1])
             result.reports.append(report)
@@ -572,6 +598,10 @@ class Controller:
             result.peer_failures = {int(k): str(v) for k, v in peer.items()} if peer else None
             if payload.get("broken") or result.error is not None:
                 pool.broken = True
+            if payload.get("exit"):  # 'q' in a rank's debugger: stop the session, as pytest does
+                self._exit_reason = str(payload["exit"])
+            if self._gate.rank == w.rank:
+                self._gate.release()
             return False
         if kind == "fatal":
             result.error = str(message[1])
@@ -580,8 +610,18 @@ class Controller:
         logger.warning("unexpected message from rank %d: %r", w.rank, kind)
         return True
 
+    def _debugger_message(self, pool: _Pool, w: _Worker, kind: str) -> None:
+        """A rank's pytest enters its debugger (may it have the terminal?) or left it."""
+        if kind == "pdb":
+            peers = [(o.rank, o.pid) for o in pool.workers if o is not w and o.alive()]
+            w.conn.send(("pdb-reply", self._gate.request(w.rank, peers)))
+        else:
+            self._gate.release()
+
     def _died(self, pool: _Pool, w: _Worker, result: RankResult) -> None:
         pool.broken = True
+        if self._gate.rank == w.rank:
+            self._gate.release()
         result.died_at = time.time()
         code = w.exit_code(5.0)
         if code is None:  # its pipe closed, yet the process lives on: make it a death
@@ -635,6 +675,7 @@ class Controller:
         if self._zygote is None:
             # Measured once, when the first pool starts (pytest-cov has started by then).
             self._coverage = _coverage.rank_settings(self.config, self._basedir() / "coverage")
+            self._tty = terminal_path() if self.config.getoption("usepdb", False) else None
             zygote = _Zygote(self._basedir(), _rank_env(), str(self.config.invocation_params.dir),
                              capture_off=self.config.getoption("capture", "fd") == "no")
             self._get_store()  # the controller imports torch while the zygote does
@@ -698,6 +739,11 @@ class Controller:
             args.append("--noconftest")
         if opt("log_level", None):
             args.append(f"--log-level={opt('log_level')}")
+        if self._tty is not None:  # --pdb, and a terminal to debug on (see _debugger.py)
+            args.append("--pdb")
+            pdbcls = opt("usepdb_cls", None)
+            if pdbcls:
+                args.append(f"--pdbcls={pdbcls[0]}:{pdbcls[1]}")
         verbose = int(opt("verbose", 0))
         args += ["-v"] * verbose if verbose > 0 else ["-q"] * (-verbose)
         return [*args, *nodeids]

@@ -34,6 +34,7 @@ from typing import Any, NoReturn
 import pytest
 
 from distruntime.testing import _context, _coverage, _pytest_compat
+from distruntime.testing._debugger import RankDebugger
 
 __all__ = ["RankServer", "preload", "serve"]
 
@@ -96,6 +97,7 @@ class RankServer:
         self.expected_next: str | None = None
         self.broken = False
         self.coverage: Any = None  # this rank's coverage.Coverage when the session measures
+        self.debugger: RankDebugger | None = None  # with --pdb and a terminal
 
     def __repr__(self) -> str:
         return f"RankServer(rank={self.rank}, world_size={self.world_size})"
@@ -180,12 +182,17 @@ class RankServer:
         result: dict[str, Any] = {}
         try:
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        except pytest.exit.Exception as exc:  # 'q' in the debugger: the session stops
+            result["exit"] = str(exc.msg) or "pytest.exit() in a rank"
+            self.broken = True  # the test's teardown did not run
         except BaseException:  # an internal error: report it, keep serving if possible
             result["error"] = f"rank {self.rank}: internal error in {nodeid}:\n{traceback.format_exc()}"
             self.broken = True
         finally:
             self.sending = False
             _context.deactivate()
+            if self.debugger is not None:
+                self.debugger.end()
         self.expected_next = next_id
         result["notes"] = self._hygiene(env_expected, env_before)
         result["peer_failures"] = ctx.peer_failures
@@ -273,6 +280,9 @@ def serve(fd: int, stack_path: str) -> NoReturn:
     if init.get("coverage"):
         # Started before the session collects, so import-time lines of test modules count.
         server.coverage, plugins = _coverage.start_in_rank(init["coverage"], server.rank, os.getpid())
+    if init.get("pdb_tty"):
+        server.debugger = RankDebugger(conn, server.rank, server.world_size, init["pdb_tty"])
+        plugins.append(server.debugger)
     code: int | pytest.ExitCode = 0
     try:
         code = pytest.main(list(init["pytest_args"]), plugins=[server, *plugins])

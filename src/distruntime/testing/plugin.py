@@ -182,6 +182,9 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     for report in controller.run(item, nextitem, spec):
         ihook.pytest_runtest_logreport(report=report)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    reason = controller.take_exit()
+    if reason is not None:
+        pytest.exit(reason)
     return True
 
 
