@@ -214,6 +214,8 @@ class RankServer:
         """Tear fixtures down to what ``item`` shares (``None``: everything); log failures."""
         try:
             _pytest_compat.teardown_exact(session, item)
+        except _pytest_compat.PytestCompatError:
+            raise  # an unsupported pytest: loud (a "fatal" message), never a silent leak
         except BaseException as exc:
             logger.warning("rank %d: %s failed: %s", self.rank, what, exc)
 
