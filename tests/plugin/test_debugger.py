@@ -112,3 +112,32 @@ def test_pdb_without_a_terminal_does_not_wait(inner: InnerRunner) -> None:
     assert "no terminal to open the failing rank's debugger on" in out
     assert f"cd {inner.path} && {sys.executable} -m pytest --pdb test_pdb.py::test_fails_on_rank1" in out
     assert result.seconds < 90
+
+
+BREAKPOINT_TEST = textwrap.dedent("""
+    import pytest
+    import torch.distributed as dist
+
+    @pytest.mark.distributed(world_size=2)
+    def test_breakpoint(dist_info):
+        value = 7 * (dist_info.rank + 1)
+        if dist_info.rank == 0:
+            breakpoint()
+        dist.barrier()
+""")
+
+
+def test_breakpoint_in_a_rank(inner: InnerRunner, terminal: list[pexpect.spawn]) -> None:
+    inner.write(test_bp=BREAKPOINT_TEST)
+    child = _spawn(inner, terminal, "--pdb", "--drt-grace=1", "--drt-timeout=4", "test_bp.py")
+    child.expect(r"debugger of rank 0 of 2 \(pid \d+\), test test_bp.py::test_breakpoint")
+    child.expect(r"other ranks held until it ends: 1 \(pid (\d+)\)")
+    assert _state(int(child.match.group(1))) == "T"
+    child.expect_exact("(Pdb) ")
+    child.sendline("p value")
+    child.expect_exact("7")
+    child.expect_exact("(Pdb) ")
+    time.sleep(5)  # past the 4 s deadline: paused while the debugger is open
+    child.sendline("c")
+    child.expect(pexpect.EOF)
+    assert "1 passed" in child.before, child.before
