@@ -7,6 +7,7 @@ codes, the files left in the project.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 import sys
@@ -132,7 +133,7 @@ FLAGS_TESTS = textwrap.dedent("""
     def test_slow_rank1(dist_info):
         print(f"slow test, rank {dist_info.rank}")
         if dist_info.rank == 1:
-            time.sleep(0.6)
+            time.sleep(1.5)
 
     @pytest.mark.distributed(world_size=2)
     def test_last(dist_info):
@@ -177,14 +178,15 @@ def test_junit_xml_and_durations(inner: InnerRunner) -> None:
     props = {p.get("name"): float(p.get("value", "nan")) for p in cases["test_sizes[ws4]"].iter("property")}
     assert set(props) == {f"distruntime:rank{k}:duration_s" for k in range(4)}, props
     slow = {p.get("name"): float(p.get("value", "nan")) for p in cases["test_slow_rank1"].iter("property")}
-    assert slow["distruntime:rank1:duration_s"] >= 0.6 > slow["distruntime:rank0:duration_s"], slow
+    assert slow["distruntime:rank1:duration_s"] >= 1.5 > slow["distruntime:rank0:duration_s"], slow
     assert "slowest distributed tests, time per rank" in result.output
     lines = result.output.splitlines()
     line = next(ln for ln in lines if " test_flags.py::test_slow_rank1: " in ln)
-    assert "rank 0 " in line and "rank 1 0.6" in line, line
+    per_rank = dict(re.findall(r"rank (\d) ([\d.]+)s", line))
+    assert set(per_rank) == {"0", "1"} and float(per_rank["1"]) >= 1.5, line
     # pytest's own --durations lists the call phase with the slowest rank's time.
     calls = [ln.split() for ln in lines if ln.split()[1:] == ["call", "test_flags.py::test_slow_rank1"]]
-    assert len(calls) == 1 and float(calls[0][0].rstrip("s")) >= 0.6, result.output
+    assert len(calls) == 1 and float(calls[0][0].rstrip("s")) >= 1.5, result.output
 
 
 def test_selection_and_stop_flags(inner: InnerRunner, tmp_path: Path) -> None:
@@ -242,4 +244,4 @@ def test_pytest_timeout_next_to_the_plugin_deadline(inner: InnerRunner) -> None:
     assert 'test_timeouts.py", line 8 in test_rank1_sleeps' in out
     assert "timed out after 1s (marker timeout=1): rank(s) 0 still running" in out
     assert "Timeout (>" not in out  # pytest-timeout itself never fired
-    assert result.seconds < 60, result.seconds
+    assert result.seconds < 90, result.seconds  # loaded machine: two pool starts, two stack dumps
