@@ -122,4 +122,5 @@ def test_supported_pytest_releases(version: str) -> None:
     probe = subprocess.run([sys.executable, "-c", "import pytest; print(pytest.__version__)"], env=env,
                            capture_output=True, text=True, timeout=60, check=True)
     assert probe.stdout.strip() == version
-    assert "9 passed, 2 deselected" in out.strip().splitlines()[-1], out[-3000:]
+    summary = out.strip().splitlines()[-1]  # 8 checks here, 1 real plugin session
+    assert summary.startswith("9 passed") and "failed" not in summary, out[-3000:]
