@@ -103,17 +103,19 @@ class InnerRunner:
         for name, source in files.items():
             (self.path / f"{name}.py").write_text(textwrap.dedent(source))
 
-    def start(self, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, runner: tuple[str, ...] = ("-m", "pytest"),
+        cache: bool = False,
+    ) -> subprocess.Popen[str]:
+        """``runner``: what runs pytest (e.g. ``-m coverage run -m pytest``); ``cache``: keep --lf data."""
         environ = {k: v for k, v in os.environ.items() if k not in _DROPPED}
         environ["COLUMNS"] = "400"  # summary lines untruncated
         environ.update(env or {})
         proc = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "pytest",
-                "-p",
-                "no:cacheprovider",
+                *runner,
+                *(() if cache else ("-p", "no:cacheprovider")),
                 "-rA",
                 "--color=no",
                 f"--basetemp={self.path / 'inner-tmp'}",
@@ -129,9 +131,12 @@ class InnerRunner:
         self.procs.append(proc)
         return proc
 
-    def run(self, *args: str, timeout: float, env: dict[str, str] | None = None) -> Inner:
+    def run(
+        self, *args: str, timeout: float, env: dict[str, str] | None = None,
+        runner: tuple[str, ...] = ("-m", "pytest"), cache: bool = False,
+    ) -> Inner:
         started = time.monotonic()
-        proc = self.start(*args, env=env)
+        proc = self.start(*args, env=env, runner=runner, cache=cache)
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -254,7 +254,13 @@ def test_merge_root_cause_first_and_collateral_in_one_line() -> None:
     assert "\ntrace\n" not in text  # the collateral rank gets one line
     full = merge(FakeItem(), [fallout, root], MergeInfo(**{**INFO.__dict__, "full_report": True}))  # type: ignore[arg-type]
     assert "\ntrace\n" in _text(full[1])
-    assert ("Captured stdout teardown (rank 0)", "out teardown") in reports[1].sections
+    # Each rank's captured output is part of the failure text (JUnit <failure> carries it),
+    # not repeated as report sections; --show-capture still filters it.
+    assert reports[1].sections == []
+    assert "- Captured stdout teardown (rank 0) -" in text and "\nout teardown" in text
+    assert str(reports[1].longrepr) == text.strip()
+    hidden = merge(FakeItem(), [fallout, root], MergeInfo(**{**INFO.__dict__, "show_capture": "no"}))  # type: ignore[arg-type]
+    assert "Captured stdout" not in _text(hidden[1])
 
 
 def test_merge_independent_failures_are_shown_in_full() -> None:

@@ -19,9 +19,11 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,8 +34,10 @@ from typing import Any, cast
 
 import pytest
 
+from distruntime.testing import _coverage
+from distruntime.testing._debugger import DebugGate, rerun_command, terminal_path
 from distruntime.testing._merge import MergeInfo, RankResult, keywords, merge
-from distruntime.testing._spec import SPEC_KEY, DistSpec
+from distruntime.testing._spec import OUTER_TIMEOUT_KEY, SPEC_KEY, DistSpec
 
 __all__ = ["Controller", "Settings"]
 
@@ -249,7 +253,8 @@ class _Pool:
 def _rank_env() -> dict[str, str]:
     env = {
         k: v for k, v in os.environ.items()
-        if k not in _DROPPED_VARS and not k.startswith(_DROPPED_PREFIXES)
+        if k not in _DROPPED_VARS and k not in _coverage.AUTOSTART_VARS
+        and not k.startswith(_DROPPED_PREFIXES)
     }
     env.setdefault("OMP_NUM_THREADS", "1")  # N ranks share the machine's cores
     if sys.platform.startswith("linux"):
@@ -282,6 +287,10 @@ class Controller:
         self._start_failures: dict[int, tuple[int, str]] = {}
         self._cuda_count: int | None = None
         self._zygote: _Zygote | None = None
+        self._coverage: _coverage.CoverageSettings | None = None
+        self._gate = DebugGate()
+        self._tty: str | None = None
+        self._exit_reason: str | None = None
 
     def __repr__(self) -> str:
         return f"Controller(pools={list(self._pools)}, tests={self._seq})"
@@ -294,6 +303,9 @@ class Controller:
             return _skip_reports(item, reason)
         fresh = spec.isolation == "fresh" or self.settings.fresh
         timeout_s, origin = self._timeout(spec)
+        outer = item.stash.get(OUTER_TIMEOUT_KEY, None)
+        if outer is not None and outer[0] < timeout_s:  # pytest-timeout's is shorter: it wins
+            timeout_s, origin = outer
         started = time.monotonic()
         try:
             pool = self._pool_for(item, spec, fresh)
@@ -302,6 +314,7 @@ class Controller:
         self._seq += 1
         results = [RankResult(w.rank) for w in pool.workers]
         timed_out = False
+        self._gate.new_test()
         try:
             job = self._job(item, nextitem, spec, backend=backend, timeout_s=timeout_s, fresh=fresh)
             for w in pool.workers:
@@ -319,6 +332,7 @@ class Controller:
             world_size=spec.world_size, backend=backend, timeout_s=timeout_s, timeout_origin=origin,
             elapsed_s=time.monotonic() - started, timed_out=timed_out, grace_s=self.settings.grace_s,
             full_report=self.settings.full_report,
+            show_capture=str(self.config.getoption("showcapture", "all")),
         )
         reports = merge(item, results, info)
         # What the ranks do not see (starting a pool, dispatch) counts as set-up time,
@@ -326,6 +340,12 @@ class Controller:
         overhead = info.elapsed_s - sum(r.duration for r in reports)
         if overhead > 0:
             reports[0].duration += overhead
+        failed = next((r for r in reports if r.failed), None)
+        if self.config.getoption("usepdb", False) and self._tty is None and failed is not None:
+            failed.sections.append(("distruntime --pdb", (
+                "no terminal to open the failing rank's debugger on (this pytest has no controlling "
+                f"terminal), so none was opened. To debug it, run from a terminal:\n"
+                f"  {rerun_command(self.config, item.nodeid)}")))
         for r in results:
             for note in r.notes:
                 text = f"rank {r.rank}: the test {note}"
@@ -333,6 +353,11 @@ class Controller:
                 with contextlib.suppress(Warning):  # -W error: the section still says it
                     item.warn(pytest.PytestWarning(text))
         return reports
+
+    def take_exit(self) -> str | None:
+        """Why the session must stop now (``q`` in a rank's debugger), once."""
+        reason, self._exit_reason = self._exit_reason, None
+        return reason
 
     def resolve_backend(self, spec: DistSpec) -> tuple[str | None, str]:
         """``auto`` -> nccl with enough CUDA devices, else gloo; None + reason: skip."""
@@ -345,7 +370,11 @@ class Controller:
         return spec.backend, ""
 
     def shutdown(self) -> None:
-        """Stop every pool; release the store."""
+        """Stop every pool, merge the ranks' coverage data, release the store and scratch files.
+
+        Called when the test loop ends (before pytest-cov combines) and again, as a
+        no-op, at unconfigure.
+        """
         while self._pools:
             _, pool = self._pools.popitem()
             pool.stop()
@@ -353,6 +382,11 @@ class Controller:
             self._zygote.stop()
             self._zygote = None
         self._store = None
+        if self._base is not None:
+            if self._coverage is not None:
+                _coverage.merge_into_current(self._base / "coverage")
+            shutil.rmtree(self._base, ignore_errors=True)
+            self._base = None
 
     # ------------------------------------------------------------------ pools
     def _pool_for(self, item: pytest.Item, spec: DistSpec, fresh: bool) -> _Pool:
@@ -414,6 +448,8 @@ class Controller:
                     "rank": w.rank, "world_size": world_size, "store_host": _LOOPBACK,
                     "store_port": int(store.port),
                     "pytest_args": self._pytest_args(nodeids, pool_dir / f"rank{w.rank}-tmp"),
+                    "coverage": self._coverage,
+                    "pdb_tty": self._tty,
                 }))
             self._await_ready(pool)
         except BaseException:
@@ -505,9 +541,11 @@ class Controller:
         deadline = time.monotonic() + timeout_s
         grace_end: float | None = None
         pending = {w.conn: w for w in pool.workers}
-        while pending:
+        while pending and self._exit_reason is None:
             now = time.monotonic()
             limit = deadline if grace_end is None else min(deadline, grace_end)
+            if self._gate.active:  # a rank is in its debugger: no deadline, no grace meanwhile
+                limit = now + 0.5
             if now >= limit:
                 break
             for ready in wait(list(pending), timeout=min(limit - now, 0.5)):
@@ -519,8 +557,12 @@ class Controller:
                 if not w.alive() and not conn.poll():
                     self._died(pool, w, results[w.rank])
                     del pending[conn]
+            paused = self._gate.take_pause()  # the clocks restart where they stopped
+            deadline += paused
+            grace_end = grace_end + paused if grace_end is not None else None
             if grace_end is None and any(_has_problem(r) for r in results):
                 grace_end = time.monotonic() + self.settings.grace_s
+        self._gate.release()
         if not pending:
             return False
         timed_out = time.monotonic() >= deadline
@@ -543,6 +585,9 @@ class Controller:
             self._died(pool, w, result)
             return False
         kind = message[0]
+        if kind in ("pdb", "pdb-done"):
+            self._debugger_message(pool, w, kind)
+            return True
         if kind == "report":
             report = self.config.hook.pytest_report_from_serializable(config=self.config, data=message[1])
             result.reports.append(report)
@@ -557,6 +602,10 @@ class Controller:
             result.peer_failures = {int(k): str(v) for k, v in peer.items()} if peer else None
             if payload.get("broken") or result.error is not None:
                 pool.broken = True
+            if payload.get("exit"):  # 'q' in a rank's debugger: stop the session, as pytest does
+                self._exit_reason = str(payload["exit"])
+            if self._gate.rank == w.rank:
+                self._gate.release()
             return False
         if kind == "fatal":
             result.error = str(message[1])
@@ -565,8 +614,18 @@ class Controller:
         logger.warning("unexpected message from rank %d: %r", w.rank, kind)
         return True
 
+    def _debugger_message(self, pool: _Pool, w: _Worker, kind: str) -> None:
+        """A rank's pytest enters its debugger (may it have the terminal?) or left it."""
+        if kind == "pdb":
+            peers = [(o.rank, o.pid) for o in pool.workers if o is not w and o.alive()]
+            w.conn.send(("pdb-reply", self._gate.request(w.rank, peers)))
+        else:
+            self._gate.release()
+
     def _died(self, pool: _Pool, w: _Worker, result: RankResult) -> None:
         pool.broken = True
+        if self._gate.rank == w.rank:
+            self._gate.release()
         result.died_at = time.time()
         code = w.exit_code(5.0)
         if code is None:  # its pipe closed, yet the process lives on: make it a death
@@ -632,6 +691,9 @@ class Controller:
             logger.warning("the zygote process exited; starting another")
             self._zygote = None
         if self._zygote is None:
+            # Measured once, when the first pool starts (pytest-cov has started by then).
+            self._coverage = _coverage.rank_settings(self.config, self._basedir() / "coverage")
+            self._tty = terminal_path() if self.config.getoption("usepdb", False) else None
             zygote = _Zygote(self._basedir(), _rank_env(), str(self.config.invocation_params.dir),
                              capture_off=self.config.getoption("capture", "fd") == "no")
             self._get_store()  # the controller imports torch while the zygote does
@@ -657,50 +719,50 @@ class Controller:
         return self._store
 
     def _basedir(self) -> Path:
+        """Scratch space of this controller (logs, shared dirs, rank coverage); removed at shutdown."""
         if self._base is None:
-            factory = getattr(self.config, "_tmp_path_factory", None)
-            if factory is not None:
-                self._base = Path(factory.mktemp("distruntime", numbered=True))
-            else:  # the tmpdir plugin is disabled
-                import tempfile
-
-                self._base = Path(tempfile.mkdtemp(prefix="distruntime-"))
+            self._base = Path(tempfile.mkdtemp(prefix="pytest-distruntime-"))
         return self._base
 
     def _pytest_args(self, nodeids: list[str], basetemp: Path) -> list[str]:
         """The controller's relevant options, for the ranks' own pytest sessions."""
-        opt = self.config.option
+        opt = self.config.getoption  # public accessor; dest names checked by test_pytest_compat
         args = [
             f"--rootdir={self.config.rootpath}",
             "-p", "no:cacheprovider",
             "-o", "addopts=",  # already applied here; re-reading them could start xdist in a rank
             f"--basetemp={basetemp}",
             "--color=no",
-            f"--import-mode={getattr(opt, 'importmode', 'prepend')}",
-            f"--capture={getattr(opt, 'capture', 'fd')}",
-            f"--tb={getattr(opt, 'tbstyle', 'auto')}",
-            f"--assert={getattr(opt, 'assertmode', 'rewrite')}",
+            f"--import-mode={opt('importmode', 'prepend')}",
+            f"--capture={opt('capture', 'fd')}",
+            f"--tb={opt('tbstyle', 'auto')}",
+            f"--assert={opt('assertmode', 'rewrite')}",
         ]
         if self.config.inipath is not None:
             args += ["-c", str(self.config.inipath)]
-        for plugin in getattr(opt, "plugins", None) or []:
+        for plugin in opt("plugins", None) or []:
             args += ["-p", plugin]
-        for override in getattr(opt, "override_ini", None) or []:
+        for override in opt("override_ini", None) or []:
             args += ["-o", override]
-        for warning in getattr(opt, "pythonwarnings", None) or []:
+        for warning in opt("pythonwarnings", None) or []:
             args += ["-W", warning]
         # The rank process imports distruntime before its pytest session starts.
         args += ["-W", "ignore:Module already imported so cannot be rewritten"
                        ":pytest.PytestAssertRewriteWarning"]
-        if getattr(opt, "showlocals", False):
+        if opt("showlocals", False):
             args.append("-l")
-        if getattr(opt, "confcutdir", None):
-            args.append(f"--confcutdir={opt.confcutdir}")
-        if getattr(opt, "noconftest", False):
+        if opt("confcutdir", None):
+            args.append(f"--confcutdir={opt('confcutdir')}")
+        if opt("noconftest", False):
             args.append("--noconftest")
-        if getattr(opt, "log_level", None):
-            args.append(f"--log-level={opt.log_level}")
-        verbose = int(getattr(opt, "verbose", 0))
+        if opt("log_level", None):
+            args.append(f"--log-level={opt('log_level')}")
+        if self._tty is not None:  # --pdb, and a terminal to debug on (see _debugger.py)
+            args.append("--pdb")
+            pdbcls = opt("usepdb_cls", None)
+            if pdbcls:
+                args.append(f"--pdbcls={pdbcls[0]}:{pdbcls[1]}")
+        verbose = int(opt("verbose", 0))
         args += ["-v"] * verbose if verbose > 0 else ["-q"] * (-verbose)
         return [*args, *nodeids]
 

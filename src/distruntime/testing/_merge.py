@@ -10,23 +10,29 @@ The rules:
   independent failures in full, ranks that skipped alone (a non-collective skip), ranks
   that died (signal or exit code, with the tail of their log) and ranks still running
   when the test was stopped (with their Python stacks);
-* captured output comes back per rank: ``Captured stdout call (rank 1)``.
+* captured output comes back per rank: ``Captured stdout call (rank 1)``; for a
+  failure it is part of the failure text, so JUnit XML (``<failure>``) carries it too;
+* each rank's time is in the teardown report's ``user_properties``
+  (``distruntime:rank1:duration_s``): JUnit ``<properties>``, ``--durations`` summary.
 
-Only pytest is imported here.
+Only pytest's public API is used here: a failure text is any object with
+``toterminal`` and ``reprcrash`` (what pytest, its JUnit writer and pytest-xdist read).
 """
 
 from __future__ import annotations
 
+import shutil
 import signal
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Protocol, cast
 
 import pytest
-from _pytest._code.code import ReprFileLocation, TerminalRepr
-from _pytest._io import TerminalWriter
 
-__all__ = ["MergeInfo", "RankResult", "keywords", "merge", "trim_stacks"]
+__all__ = [
+    "DURATION_PROPERTY", "Crash", "DistFailureRepr", "MergeInfo", "RankResult",
+    "keywords", "merge", "trim_stacks",
+]
 
 _When = Literal["setup", "call", "teardown"]
 _PHASES: tuple[_When, ...] = ("setup", "call", "teardown")
@@ -138,25 +144,86 @@ class MergeInfo:
     timed_out: bool = False
     grace_s: float = 0.0
     full_report: bool = False
+    # pytest's --show-capture: which captured sections a failure shows.
+    show_capture: str = "all"
+
+
+class _Writer(Protocol):
+    """What ``toterminal`` needs of pytest's terminal writer."""
+
+    def line(self, s: str = "", **markup: bool) -> None: ...
+
+    def sep(self, sepchar: str, title: str | None = None, **markup: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class Crash:
+    """Where and how a test failed: the ``reprcrash`` pytest shows in its summary line.
+
+    Example:
+        >>> Crash("test_m.py", 7, "[rank 1] assert 10 < 5").message
+        '[rank 1] assert 10 < 5'
+    """
+
+    path: str
+    lineno: int
+    message: str
+
+
+class _TextWriter:
+    """A plain-text ``_Writer`` for ``str()`` (JUnit XML, pytest-xdist's serialised reports)."""
+
+    def __init__(self, width: int | None = None) -> None:
+        self.lines: list[str] = []
+        columns = shutil.get_terminal_size().columns
+        self.width = width or (columns if columns >= 40 else 80)  # as pytest's own writer
+
+    def __repr__(self) -> str:
+        return f"_TextWriter(lines={len(self.lines)})"
+
+    def line(self, s: str = "", **markup: bool) -> None:
+        self.lines.append(s)
+
+    def sep(self, sepchar: str, title: str | None = None, **markup: Any) -> None:
+        if not title:
+            self.lines.append(sepchar * self.width)
+            return
+        fill = sepchar * max((self.width - len(title) - 2) // (2 * len(sepchar)), 1)
+        line = f"{fill} {title} {fill}"
+        if len(line) + len(sepchar.rstrip()) <= self.width:
+            line += sepchar.rstrip()
+        self.lines.append(line)
 
 
 @dataclass(eq=False)
-class DistFailureRepr(TerminalRepr):
-    """The failure text of a distributed test: a header, then one block per rank."""
+class DistFailureRepr:
+    """The failure text of a distributed test: a header, then one block per rank.
+
+    ``toterminal`` and ``reprcrash`` are what pytest's public report API reads; nested
+    blocks are the ranks' own pytest failure texts (anything with ``toterminal``).
+    """
 
     header: str
-    blocks: list[tuple[str, TerminalRepr | str]]
-    reprcrash: ReprFileLocation
+    blocks: list[tuple[str, Any]]
+    reprcrash: Crash
 
-    def toterminal(self, tw: TerminalWriter) -> None:
+    def toterminal(self, tw: _Writer) -> None:
+        self._write(tw, nested_as_text=False)
+
+    def __str__(self) -> str:
+        writer = _TextWriter()
+        self._write(writer, nested_as_text=True)
+        return "\n".join(writer.lines).strip()
+
+    def _write(self, tw: _Writer, *, nested_as_text: bool) -> None:
         # The crash line first: where reports are flattened to text (pytest-xdist), the
         # first line is what summaries show.
         tw.line(self.reprcrash.message, red=True, bold=True)
         tw.line(self.header, red=True)
         for title, content in self.blocks:
             tw.sep("-", title)
-            if isinstance(content, str):
-                for line in content.rstrip("\n").splitlines():
+            if isinstance(content, str) or nested_as_text:
+                for line in str(content).rstrip("\n").splitlines():
                     tw.line(line)
             else:
                 content.toterminal(tw)
@@ -216,12 +283,27 @@ def _rank_sections(ranks: Sequence[RankResult], when: str | None) -> list[tuple[
     return sections
 
 
+def _shown(sections: list[tuple[str, str]], show_capture: str) -> list[tuple[str, str]]:
+    """The captured sections pytest's ``--show-capture`` lets a failure show."""
+    if show_capture == "no":
+        return []
+    return [(title, text) for title, text in sections if show_capture == "all" or show_capture in title]
+
+
+# The user property that carries a rank's time in the test (setup + call + teardown).
+DURATION_PROPERTY = "distruntime:rank{rank}:duration_s"
+
+
 def _properties(ranks: Sequence[RankResult]) -> list[tuple[str, object]]:
     props: list[tuple[str, object]] = []
     for rank in ranks:
         rep = rank.reports[-1] if rank.reports else None
         if rep is not None:
             props.extend((f"rank{rank.rank}:{name}", value) for name, value in rep.user_properties)
+    for rank in ranks:
+        if rank.reports:
+            seconds = round(sum(rep.duration for rep in rank.reports), 6)
+            props.append((DURATION_PROPERTY.format(rank=rank.rank), seconds))
     return props
 
 
@@ -319,7 +401,7 @@ def _failure(item: pytest.Item, ranks: Sequence[RankResult], info: MergeInfo) ->
 
     header = _header(ranks, root=root, collateral=collateral, independent=independent, stuck=stuck,
                      skippers=skippers, info=info)
-    blocks: list[tuple[str, TerminalRepr | str]] = []
+    blocks: list[tuple[str, Any]] = []
     if root is not None:
         blocks.append(_block(root, "first failure", info))
     seen: dict[str, int] = {}
@@ -347,13 +429,15 @@ def _failure(item: pytest.Item, ranks: Sequence[RankResult], info: MergeInfo) ->
     for r in ranks:
         if r.log_tail and r.status() in ("died", "error"):
             blocks.append((f"rank {r.rank}: end of its process log", _log_excerpt(r.log_tail)))
+    # Each rank's captured output is part of the failure text (not report sections), so
+    # whatever shows only the failure (JUnit <failure>, CI test views) shows it too.
+    blocks.extend(_shown(_rank_sections(ranks, None), info.show_capture))
 
     fail_when = _failing_phase(root, stuck)
     crash = _reprcrash(item, root, stuck, info)
     failure = pytest.TestReport(
         item.nodeid, item.location, keywords(item), "failed",
-        DistFailureRepr(header, blocks, crash), fail_when,
-        sections=_rank_sections(ranks, None),
+        cast(Any, DistFailureRepr(header, blocks, crash)), fail_when,
         duration=info.elapsed_s,
         user_properties=_properties(ranks),
     )
@@ -368,10 +452,10 @@ def _failure(item: pytest.Item, ranks: Sequence[RankResult], info: MergeInfo) ->
     return out
 
 
-def _body(rep: pytest.TestReport) -> TerminalRepr | str:
+def _body(rep: pytest.TestReport) -> Any:
     """A report's full failure text, kept structured (colours) where it is."""
     longrepr = rep.longrepr
-    return longrepr if isinstance(longrepr, TerminalRepr) else rep.longreprtext
+    return longrepr if hasattr(longrepr, "toterminal") else rep.longreprtext
 
 
 def _peer_failure_text(rank: RankResult) -> bool:
@@ -456,7 +540,7 @@ def _what(rank: RankResult) -> str:
     return "skipped"
 
 
-def _block(rank: RankResult, role: str, info: MergeInfo) -> tuple[str, TerminalRepr | str]:
+def _block(rank: RankResult, role: str, info: MergeInfo) -> tuple[str, Any]:
     failed = rank.first_failed()
     if failed is not None:
         return f"rank {rank.rank}: {failed.when} ({role})", _body(failed)
@@ -482,7 +566,10 @@ def _stuck_block(rank: RankResult, root: RankResult | None, info: MergeInfo) -> 
 
 
 # Frames of the harness itself, left out of stack dumps.
-_HARNESS_FRAMES = ("/_pytest/", "/pluggy/", "/distruntime/testing/_worker.py", 'File "<string>"')
+_HARNESS_FRAMES = (
+    "/_pytest/", "/pluggy/", "/distruntime/testing/_worker.py", "/distruntime/testing/_zygote.py",
+    'File "<string>"',
+)
 
 
 def trim_stacks(text: str) -> str:
@@ -525,22 +612,22 @@ def _log_excerpt(log: str) -> str:
 
 def _reprcrash(
     item: pytest.Item, root: RankResult | None, stuck: Sequence[RankResult], info: MergeInfo
-) -> ReprFileLocation:
+) -> Crash:
     path, lineno, _ = item.location
     where_line = (lineno or 0) + 1
     if info.timed_out and stuck:
-        return ReprFileLocation(path, where_line, f"timed out after {info.timeout_s:g}s; rank(s) "
+        return Crash(path, where_line, f"timed out after {info.timeout_s:g}s; rank(s) "
                                 f"{_listed([r.rank for r in stuck])} still running")
     if root is not None:
         failed = root.first_failed()
         crash = getattr(failed.longrepr, "reprcrash", None) if failed is not None else None
         if crash is not None:
-            return ReprFileLocation(crash.path, crash.lineno, f"[rank {root.rank}] {crash.message}")
+            return Crash(crash.path, crash.lineno, f"[rank {root.rank}] {crash.message}")
         if failed is not None:
-            return ReprFileLocation(path, where_line, f"[rank {root.rank}] {_crash_message(failed)}")
+            return Crash(path, where_line, f"[rank {root.rank}] {_crash_message(failed)}")
         skipped = root.skip_report()
         if skipped is not None and root.status() in ("skipped", "xfailed"):
             message = f"[rank {root.rank}] non-collective skip: {_skip_reason(skipped)}"
-            return ReprFileLocation(path, where_line, message)
-        return ReprFileLocation(path, where_line, f"[rank {root.rank}] {_what(root)}")
-    return ReprFileLocation(path, where_line, "distributed test failed")
+            return Crash(path, where_line, message)
+        return Crash(path, where_line, f"[rank {root.rank}] {_what(root)}")
+    return Crash(path, where_line, "distributed test failed")

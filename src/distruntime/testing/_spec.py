@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
-__all__ = ["MARKER", "MARKER_HELP", "SPEC_KEY", "WS_PARAM", "DistSpec", "expand_world_sizes", "spec_for_item"]
+from distruntime.testing._pytest_compat import add_pseudo_argument, callspec_params
+
+__all__ = [
+    "MARKER", "MARKER_HELP", "OUTER_TIMEOUT_KEY", "SPEC_KEY", "WS_PARAM", "DistSpec", "expand_world_sizes",
+    "take_over_pytest_timeout", "spec_for_item",
+]
 
 MARKER = "distributed"
 MARKER_HELP = (
@@ -58,6 +63,49 @@ class DistSpec:
 
 # Set on every distributed item at collection time.
 SPEC_KEY = pytest.StashKey[DistSpec]()
+
+
+# pytest-timeout's deadline of a distributed item, (seconds, origin), when it has one.
+OUTER_TIMEOUT_KEY = pytest.StashKey[tuple[float, str]]()
+
+
+def _pytest_timeout(item: pytest.Item) -> tuple[float, str] | None:
+    """pytest-timeout's effective timeout of ``item`` (marker > --timeout > $PYTEST_TIMEOUT > ini)."""
+    import os
+
+    mark = item.get_closest_marker("timeout")
+    config = item.config
+    if mark is not None:
+        raw: object = mark.args[0] if mark.args else mark.kwargs.get("timeout")
+        origin = "@pytest.mark.timeout({})"
+    elif config.getoption("timeout", None) is not None:
+        raw, origin = config.getoption("timeout"), "--timeout={}"
+    elif os.environ.get("PYTEST_TIMEOUT"):
+        raw, origin = os.environ["PYTEST_TIMEOUT"], "PYTEST_TIMEOUT={}"
+    else:
+        raw, origin = config.getini("timeout"), "ini timeout={}"
+    try:
+        seconds = float(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    origin = origin.format(f"{seconds:g}")
+    return (seconds, f"{origin} (pytest-timeout)") if seconds > 0 else None
+
+
+def take_over_pytest_timeout(item: pytest.Item) -> None:
+    """Enforce pytest-timeout's deadline on a distributed item with the plugin's own.
+
+    pytest-timeout would interrupt the controller (or, in a rank, the test) without the
+    other ranks' stacks and without stopping them cleanly. So its timeout is recorded
+    for the controller, which applies the smaller of the two deadlines, and switched
+    off for the item with a ``timeout(0)`` marker placed first.
+    """
+    if not item.config.pluginmanager.hasplugin("timeout"):
+        return
+    outer = _pytest_timeout(item)
+    if outer is not None:
+        item.stash[OUTER_TIMEOUT_KEY] = outer
+    item.add_marker(pytest.mark.timeout(0), append=False)
 
 
 def _bad(where: str, message: str) -> BaseException:
@@ -129,8 +177,7 @@ def expand_world_sizes(metafunc: pytest.Metafunc) -> None:
     if not is_list:
         return
     # A pseudo-argument: the value lives in callspec.params; the test never receives it.
-    if WS_PARAM not in metafunc.fixturenames:
-        metafunc.fixturenames.append(WS_PARAM)
+    add_pseudo_argument(metafunc, WS_PARAM)
     metafunc.parametrize(WS_PARAM, sizes, ids=[f"ws{n}" for n in sizes])
 
 
@@ -142,8 +189,8 @@ def spec_for_item(item: pytest.Item) -> DistSpec | None:
     if mark is None:
         return None
     _, _, spec = parse_marker(mark, item.nodeid)
-    callspec = getattr(item, "callspec", None)
-    if callspec is not None and WS_PARAM in callspec.params:
-        size = callspec.params[WS_PARAM]
+    params = callspec_params(item)
+    if WS_PARAM in params:
+        size = params[WS_PARAM]
         return DistSpec(size, spec.backend, spec.timeout, spec.init, spec.isolation)
     return spec

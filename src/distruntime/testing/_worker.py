@@ -33,7 +33,8 @@ from typing import Any, NoReturn
 
 import pytest
 
-from distruntime.testing import _context
+from distruntime.testing import _context, _coverage, _pytest_compat
+from distruntime.testing._debugger import RankDebugger
 
 __all__ = ["RankServer", "preload", "serve"]
 
@@ -95,6 +96,8 @@ class RankServer:
         self.sending = False
         self.expected_next: str | None = None
         self.broken = False
+        self.coverage: Any = None  # this rank's coverage.Coverage when the session measures
+        self.debugger: RankDebugger | None = None  # with --pdb and a terminal
 
     def __repr__(self) -> str:
         return f"RankServer(rank={self.rank}, world_size={self.world_size})"
@@ -129,6 +132,8 @@ class RankServer:
             if kind == "run":
                 self._run(session, items, payload)
         self._teardown_all(session)
+        if self.coverage is not None:
+            _coverage.save_in_rank(self.coverage)
         # The rest of pytest's shutdown (summary, unconfigure, gc passes) is of no use
         # here and costs about a second with torch loaded.
         _exit_now(0)
@@ -169,9 +174,7 @@ class RankServer:
         elif isinstance(item, pytest.Function):
             # The group is set up first, so a failing fixture on one rank is reported
             # to its peers (they are past the rendezvous) instead of stranding them in it.
-            if "dist_info" in item.fixturenames:
-                item.fixturenames.remove("dist_info")
-            item.fixturenames.insert(0, "dist_info")
+            _pytest_compat.move_fixture_first(item, "dist_info")
         env_expected = dict(os.environ)
         _reset_runtime_generation()
         _context.activate(ctx)
@@ -179,16 +182,23 @@ class RankServer:
         result: dict[str, Any] = {}
         try:
             item.ihook.pytest_runtest_protocol(item=item, nextitem=nextitem)
+        except pytest.exit.Exception as exc:  # 'q' in the debugger: the session stops
+            result["exit"] = str(exc.msg) or "pytest.exit() in a rank"
+            self.broken = True  # the test's teardown did not run
         except BaseException:  # an internal error: report it, keep serving if possible
             result["error"] = f"rank {self.rank}: internal error in {nodeid}:\n{traceback.format_exc()}"
             self.broken = True
         finally:
             self.sending = False
             _context.deactivate()
+            if self.debugger is not None:
+                self.debugger.end()
         self.expected_next = next_id
         result["notes"] = self._hygiene(env_expected, env_before)
         result["peer_failures"] = ctx.peer_failures
         result["broken"] = self.broken
+        if self.coverage is not None:
+            _coverage.save_in_rank(self.coverage)
         self.conn.send(("done", result))
 
     def _fix_setup_stack(self, session: pytest.Session, item: pytest.Item) -> None:
@@ -202,11 +212,10 @@ class RankServer:
 
     def _teardown_exact(self, session: pytest.Session, item: pytest.Item | None, what: str) -> None:
         """Tear fixtures down to what ``item`` shares (``None``: everything); log failures."""
-        setupstate = getattr(session, "_setupstate", None)
-        if setupstate is None:
-            return
         try:
-            setupstate.teardown_exact(item)
+            _pytest_compat.teardown_exact(session, item)
+        except _pytest_compat.PytestCompatError:
+            raise  # an unsupported pytest: loud (a "fatal" message), never a silent leak
         except BaseException as exc:
             logger.warning("rank %d: %s failed: %s", self.rank, what, exc)
 
@@ -269,9 +278,16 @@ def serve(fd: int, stack_path: str) -> NoReturn:
     assert kind == "init", kind
     _context.mark_rank_process()
     server = RankServer(conn, init)
+    plugins: list[object] = []
+    if init.get("coverage"):
+        # Started before the session collects, so import-time lines of test modules count.
+        server.coverage, plugins = _coverage.start_in_rank(init["coverage"], server.rank, os.getpid())
+    if init.get("pdb_tty"):
+        server.debugger = RankDebugger(conn, server.rank, server.world_size, init["pdb_tty"])
+        plugins.append(server.debugger)
     code: int | pytest.ExitCode = 0
     try:
-        code = pytest.main(list(init["pytest_args"]), plugins=[server])
+        code = pytest.main(list(init["pytest_args"]), plugins=[server, *plugins])
     except BaseException:
         conn.send(("fatal", traceback.format_exc()))
         code = 3

@@ -32,14 +32,20 @@ Options: ``--drt-timeout`` (ini ``drt_timeout``, default 60 s), ``--drt-grace``,
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from distruntime.testing import _context
-from distruntime.testing._spec import MARKER_HELP, SPEC_KEY, expand_world_sizes, spec_for_item
+from distruntime.testing._spec import (
+    MARKER_HELP,
+    SPEC_KEY,
+    expand_world_sizes,
+    spec_for_item,
+    take_over_pytest_timeout,
+)
 
 if TYPE_CHECKING:
     from distruntime.info import DistInfo
@@ -55,9 +61,18 @@ class _State:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.controller: Controller | None = None
+        # nodeid -> [(rank, seconds)] of every N-rank test, for the --durations summary.
+        self.rank_durations: dict[str, list[tuple[int, float]]] = {}
 
     def __repr__(self) -> str:
-        return f"_State(controller={self.controller!r})"
+        return f"_State(controller={self.controller!r}, timed={len(self.rank_durations)})"
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """Remember each rank's time of an N-rank test (its teardown report carries them)."""
+        if report.when == "teardown" and not _context.in_rank_process():
+            times = _rank_durations(report.user_properties)
+            if times:
+                self.rank_durations[report.nodeid] = times
 
     def get_controller(self) -> Controller:
         if self.controller is None:
@@ -110,7 +125,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", MARKER_HELP)
-    config.stash[_STATE_KEY] = _State(config)
+    state = _State(config)
+    config.stash[_STATE_KEY] = state
+    config.pluginmanager.register(state, "distruntime-state")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
@@ -118,6 +135,21 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     if state is not None and state.controller is not None:
         state.controller.shutdown()
         state.controller = None
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtestloop(session: pytest.Session) -> Generator[None, object, object]:
+    """Stop the rank pools as soon as the test loop ends (-x, --maxfail, the last test).
+
+    The innermost wrapper: the ranks' coverage is merged here, before pytest-cov's own
+    wrapper saves and combines.
+    """
+    try:
+        return (yield)
+    finally:
+        state = session.config.stash.get(_STATE_KEY, None)
+        if state is not None and state.controller is not None:
+            state.controller.shutdown()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -130,6 +162,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         spec = spec_for_item(item)
         if spec is not None:
             item.stash[SPEC_KEY] = spec
+            take_over_pytest_timeout(item)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -149,7 +182,38 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     for report in controller.run(item, nextitem, spec):
         ihook.pytest_runtest_logreport(report=report)
     ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    reason = controller.take_exit()
+    if reason is not None:
+        pytest.exit(reason)
     return True
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """With ``--durations``: the slowest N-rank tests with each rank's time."""
+    count = config.getoption("durations", None)
+    state = config.stash.get(_STATE_KEY, None)
+    if count is None or state is None or not state.rank_durations:
+        return
+    slowest = sorted(state.rank_durations.items(), key=lambda kv: -max(s for _, s in kv[1]))
+    if count > 0:
+        slowest = slowest[:count]
+    terminalreporter.write_sep("=", "slowest distributed tests, time per rank")
+    for nodeid, times in slowest:
+        ranks = ", ".join(f"rank {rank} {seconds:.2f}s" for rank, seconds in times)
+        terminalreporter.write_line(f"{max(s for _, s in times):.2f}s {nodeid}: {ranks}")
+
+
+def _rank_durations(properties: list[tuple[str, object]]) -> list[tuple[int, float]]:
+    from distruntime.testing._merge import DURATION_PROPERTY
+
+    prefix, _, suffix = DURATION_PROPERTY.partition("{rank}")
+    times = []
+    for name, value in properties:
+        if name.startswith(prefix) and name.endswith(suffix) and isinstance(value, (int, float)):
+            rank = name[len(prefix):len(name) - len(suffix)]
+            if rank.isdigit():
+                times.append((int(rank), float(value)))
+    return sorted(times)
 
 
 @pytest.hookimpl(tryfirst=True)
