@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from distruntime.watchdog import flight_recorder_available
 from procs import PYTHON, WORKERS, clean_env, free_port, kill_tree, rank_envs
 
 pytestmark = pytest.mark.processes
@@ -28,7 +29,8 @@ def test_where_shows_a_slow_job_without_disturbing_it() -> None:
     seen = ""
     try:
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "all_reduce([4] float32)" not in seen:
+        wanted = "all_reduce([4] float32)" if flight_recorder_available() else "#? all_reduce"
+        while time.monotonic() < deadline and wanted not in seen:
             result = _where(f"127.0.0.1:{port}")
             seen = result.stdout + result.stderr
             time.sleep(1.0)
@@ -38,7 +40,10 @@ def test_where_shows_a_slow_job_without_disturbing_it() -> None:
             if p.poll() is None:
                 kill_tree(p.pid)
     assert "snapshot of a running job" in seen, seen
-    assert "waiting in collective #2 all_reduce([4] float32) (group default)" in seen, seen
+    if flight_recorder_available():  # the op, once it has waited a quarter of the threshold
+        assert "waiting in collective #2 all_reduce([4] float32) (group default)" in seen, seen
+    else:  # no Flight Recorder: the op from the main thread's frame, no number, no shapes
+        assert "waiting in collective #? all_reduce (group default)" in seen, seen
     assert "running Python at" in seen and "fault.py:" in seen, seen
     assert [p.returncode for p in procs] == [0, 0], "\n".join(outputs)
     assert all("DONE" in out and "HangError" not in out for out in outputs), "\n".join(outputs)

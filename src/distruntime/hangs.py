@@ -57,6 +57,9 @@ _LIBRARY_DIRS = (
     os.path.dirname(os.path.abspath(traceback.__file__)) + os.sep,  # the standard library
 )
 _STACK_LIMIT = 40
+# Flight Recorder's dtype names -> torch's.
+_DTYPES = {"Float": "float32", "Double": "float64", "Half": "float16", "BFloat16": "bfloat16",
+           "Long": "int64", "Int": "int32", "Short": "int16", "Char": "int8", "Byte": "uint8", "Bool": "bool"}
 _FAULTHANDLER_FRAME = re.compile(r'File "(.*)", line (\d+) in (.*)$')
 _ENTRIES_PER_GROUP = 8
 _PROC_STATES = {"R": "running", "S": "sleeping", "D": "in uninterruptible I/O", "T": "stopped",
@@ -304,13 +307,19 @@ def _shape(entry: Mapping[str, Any]) -> str:
     if entry.get("op", "?") == "?":  # a heartbeat reads op and shapes only once a wait is long
         return "(op not read yet)"
     sizes = entry.get("sizes") or []
-    dtypes = [str(d).lower().replace("float", "float32") if str(d) == "Float" else str(d).lower()
-              for d in entry.get("dtypes") or []]
+    dtypes = [_DTYPES.get(str(d), str(d).lower()) for d in entry.get("dtypes") or []]
+    if not sizes and not dtypes:  # a barrier, or no Flight Recorder to say (op from the frame)
+        return str(entry["op"])
     shape = ", ".join("[" + ", ".join(str(n) for n in s) + "]" for s in sizes[:2])
     if len(sizes) > 2:
         shape += f", ... ({len(sizes)} tensors)"
     dtype = dtypes[0] if dtypes else ""
-    return f"{entry.get('op', '?')}({shape}{' ' + dtype if dtype else ''})"
+    return f"{entry['op']}({shape}{' ' + dtype if dtype else ''})"
+
+
+def _seq(seq: int) -> str:
+    """``#4``; ``#?`` where no Flight Recorder numbers the collectives."""
+    return f"#{seq}" if seq >= 0 else "#?"
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -405,7 +414,7 @@ def _describe(rank: int, records: _Records, heartbeats: _Records, local_views: _
             row.seq = int(oldest.get("seq", -1))
             group = str(rec.get("groups", {}).get(str(oldest.get("group")), {}).get("desc", "")) or \
                 _group_label(str(oldest.get("group")), "")
-            row.detail = (f"waiting in collective #{row.seq} {_shape(oldest)} (group {group}) "
+            row.detail = (f"waiting in collective {_seq(row.seq)} {_shape(oldest)} (group {group}) "
                           f"for {row.waited:.1f} s")
             if row.where:
                 row.detail += f", called at {row.where}"
@@ -468,13 +477,13 @@ def _find_desyncs(records: Mapping[int, Mapping[str, Any]],
             variants.setdefault(shape, []).append(rank)
         ordered = sorted(variants.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
         parts = "; ".join(f"{_ranks_text(ranks)} in {shape}" for shape, ranks in ordered)
-        lines.append(f"collective #{seq} of group {names.get(group, group)}: {parts}")
+        lines.append(f"collective {_seq(seq)} of group {names.get(group, group)}: {parts}")
         majority = ordered[0][1] if len(ordered[0][1]) > len(ordered[-1][1]) else []
         for shape, ranks in ordered:
             if ranks is majority:
                 continue
             for rank in ranks:
-                minority[rank] = (f"in collective #{seq} {shape} (group {names.get(group, group)}) "
+                minority[rank] = (f"in collective {_seq(seq)} {shape} (group {names.get(group, group)}) "
                                   f"while {_ranks_text(majority or [r for r in by_rank if r not in ranks])} "
                                   f"called {ordered[0][0] if majority else 'another op'}: desync")
     return lines, minority

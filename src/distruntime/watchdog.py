@@ -63,8 +63,8 @@ from distruntime.hangs import (
 from distruntime.rendezvous import Rendezvous
 
 __all__ = [
-    "Watchdog", "WatchdogConfig", "collect_report", "hang_threshold", "job_report", "stack_file_path",
-    "start_watchdog",
+    "Watchdog", "WatchdogConfig", "collect_report", "flight_recorder_available", "hang_threshold",
+    "job_report", "stack_file_path", "start_watchdog",
 ]
 
 logger = logging.getLogger("distruntime")
@@ -352,7 +352,9 @@ class Watchdog:
             if gid in detail:
                 continue
             entry: dict[str, Any] = {"seq": seq, "since": since}
-            if now - since > max(self.config.threshold_s / 4, 2 * self.config.tick_s):
+            if _flight_dump is None and _collective_in(own_stack()):  # the frame's op: cheap
+                entry["op"] = _collective_in(own_stack())
+            elif now - since > max(self.config.threshold_s / 4, 2 * self.config.tick_s):
                 if (gid, seq) not in self._described:
                     unfinished = [e for e in _entries() if not e["completed"]]
                     self._described = {(str(e["group"]), int(e["seq"])): e for e in unfinished}
@@ -629,6 +631,20 @@ def job_report(root: Store, *, reason: str, ask: bool, namespace: str | None = N
                         answered[rank] = json.loads(job.get(key))
                 time.sleep(0.05)
     return collect_report(job, answered, world_size, threshold, reason)
+
+
+def flight_recorder_available() -> bool:
+    """Whether this torch records collectives in its Flight Recorder for every backend.
+
+    With it the hang table numbers each group's collectives and names their op, shapes and
+    dtypes (so a desync in shapes is seen); without it (older torch) the watchdog falls
+    back to the main thread's Python frame: the op's name, no number, no shapes.
+
+    Example:
+        >>> isinstance(flight_recorder_available(), bool)
+        True
+    """
+    return _flight_dump is not None
 
 
 def _flight_progress() -> dict[str, dict[str, Any]]:
