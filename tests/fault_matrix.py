@@ -170,7 +170,7 @@ SCENARIOS: tuple[Scenario, ...] = (
         ("all_gather where the others all_reduce", "torchrun", "op", 4, 2,
          ("rank 2 in all_gather([4] float32)", _IN_ERROR_FILE)),
         ("SIGSTOP", "spawn", "sigstop", 3, 1, ("in a collective; rank 1 stopped (SIGSTOP",)),
-        # Without Flight Recorder (torch < 2.6) a shape desync is invisible: the job ends at the
+        # Without Flight Recorder (torch 2.4, docs/compat.md) a shape desync is invisible: the job ends at the
         # collective timeout instead (see the scenario after this table).
         *((("different shapes", "procs", "shape", 4, 2,
             ("desync: collective #2 of group default: ranks 0, 1, 3 in all_reduce([4] float32); "
