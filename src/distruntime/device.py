@@ -48,7 +48,9 @@ def _accelerator_type() -> str:
     accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6
     if accelerator is not None:
         current = accelerator.current_accelerator()
-        return "cpu" if current is None else current.type
+        # From torch 2.15 this names the build's accelerator even when no device is
+        # there (a CUDA build on a CPU machine says cuda): ask the device itself.
+        return "cpu" if current is None or not _device_available(current.type) else current.type
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

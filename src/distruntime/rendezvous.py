@@ -133,12 +133,18 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
         except BaseException as error:
             failed.append(error)
 
-    # A client whose port is held by a program that accepts but never answers blocks in
-    # TCPStore's handshake with no timeout at all; the thread bounds it (it releases the
-    # GIL, and a daemon thread stuck there does not keep the process alive).
-    builder = threading.Thread(target=construct, name="distruntime-store", daemon=True)
-    builder.start()
-    builder.join(_seconds_left(deadline) + 0.2)
+    if launch.agent_store:
+        # torchrun's agent, this worker's parent, made this store before starting it:
+        # no foreign program can hold the port, so no thread (each hand-off costs a
+        # scheduler slice when many ranks share few cores).
+        construct()
+    else:
+        # A client whose port is held by a program that accepts but never answers blocks
+        # in TCPStore's handshake with no timeout at all; the thread bounds it (it releases
+        # the GIL, and a daemon thread stuck there does not keep the process alive).
+        builder = threading.Thread(target=construct, name="distruntime-store", daemon=True)
+        builder.start()
+        builder.join(_seconds_left(deadline) + 0.2)
     if made:
         if launch.source("master_port").startswith("derived"):
             _check_owner(made[0], launch, is_host, deadline)
