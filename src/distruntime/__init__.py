@@ -18,6 +18,8 @@ from distruntime.errors import (
     DistRuntimeError,
     GroupMismatchError,
     LaunchEnvError,
+    MeshConfigError,
+    MeshMismatchError,
     PeerFailureError,
     RendezvousError,
     SignalExit,
@@ -33,7 +35,7 @@ if TYPE_CHECKING:
         get_world_size_safe,
         initialize_distributed,
     )
-    from distruntime.runtime import DistributedRuntime, current, is_active
+    from distruntime.runtime import DistributedRuntime, current, is_active, on_teardown
 
 # Names that need torch are imported on first use, so that merely installing the
 # package (whose pytest plugin pytest loads in every session) costs no torch import.
@@ -47,6 +49,7 @@ _LAZY = {
     "DistributedRuntime": "distruntime.runtime",
     "current": "distruntime.runtime",
     "is_active": "distruntime.runtime",
+    "on_teardown": "distruntime.runtime",
 }
 
 
@@ -70,6 +73,8 @@ __all__ = [
     "GroupMismatchError",
     "LaunchEnv",
     "LaunchEnvError",
+    "MeshConfigError",
+    "MeshMismatchError",
     "PeerFailureError",
     "RendezvousError",
     "SignalExit",
@@ -82,4 +87,5 @@ __all__ = [
     "get_world_size_safe",
     "initialize_distributed",
     "is_active",
+    "on_teardown",
 ]
