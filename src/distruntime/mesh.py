@@ -51,6 +51,7 @@ __all__ = [
     "mesh_dim_of_group",
     "plan_mesh",
     "ranks_per_node",
+    "release_mesh",
 ]
 
 logger = logging.getLogger("distruntime")
@@ -172,10 +173,11 @@ def plan_mesh(
     Example:
         >>> plan_mesh({"pp": 2, "dp_shard": -1, "tp": 2}, 8).sizes
         (2, 1, 2, 1, 2)
-        >>> plan_mesh({"tp": 3, "dp_shard": -1}, 8)
-        Traceback (most recent call last):
-        ...
-        distruntime.errors.MeshConfigError: mesh={'tp': 3, 'dp_shard': -1}: tp=3 does not divide world size 8; sizes that fit: 1, 2, 4, 8. Fix: choose one of those sizes for tp.
+        >>> try:
+        ...     plan_mesh({"tp": 3, "dp_shard": -1}, 8)
+        ... except MeshConfigError as error:
+        ...     print(str(error).split(": ", 1)[1])
+        tp=3 does not divide world size 8; sizes that fit: 1, 2, 4, 8. Fix: choose one of those sizes for tp.
     """
     if not isinstance(spec, Mapping):
         raise MeshConfigError(
@@ -334,8 +336,9 @@ def flatten_way(plan: MeshPlan, name: str, torch_can_flatten: bool) -> tuple[Fla
         return "alias", (merged or parts)[-1]
     import torch
 
+    sizes = " x ".join(f"{part}={plan.size(part)}" for part in merged)
     raise MeshConfigError(
-        f"mesh {plan.shape}: the flattened dim {name!r} merges {' x '.join(f'{p}={plan.size(p)}' for p in merged)}, "
+        f"mesh {plan.shape}: the flattened dim {name!r} merges {sizes}, "
         f"but torch {torch.__version__} has no DeviceMesh._flatten (added in torch 2.5). Fix: "
         "upgrade torch to 2.5 or later, or give at most one of "
         f"{', '.join(merged)} a size above 1."
@@ -366,9 +369,25 @@ def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta |
         group_dims[group.group_name] = name if previous is None else f"{previous},{name}"
         if previous is None and timeout is not None and group is not default:
             dist.distributed_c10d._set_pg_timeout(timeout, group)
-    mesh = ParallelMesh(plan, rank, root, submeshes, group_dims)
     logger.debug("built device mesh %s on %s; groups %s", plan.shape, device_type, group_dims)
-    return mesh
+    return ParallelMesh(plan, rank, root, submeshes, group_dims)
+
+
+def release_mesh(parallel: ParallelMesh | None) -> None:
+    """Drop torch's references to the mesh groups, after they were destroyed.
+
+    A gloo group closes its sockets only when its last reference goes (``shutdown()``
+    and ``abort()`` leave them open), and a peer blocked in a mesh collective with this
+    rank fails at once only then. ``DeviceMesh`` keeps every group in its root's
+    ``_pg_registry``; references the user holds (an FSDP2 module keeps its groups) are
+    theirs to drop, e.g. in an :func:`~distruntime.on_teardown` hook.
+    """
+    if parallel is None:
+        return
+    for mesh in (parallel.root, *parallel.submeshes.values()):
+        registry = getattr(mesh, "_pg_registry", None)
+        if isinstance(registry, dict):
+            registry.clear()
 
 
 def mesh_dim_of_group(group_name: str) -> str | None:

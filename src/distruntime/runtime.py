@@ -32,10 +32,10 @@ from typing_extensions import ParamSpec
 from distruntime.device import choose_backend, select_device
 from distruntime.errors import BackendUnavailableError, DistRuntimeError, GroupMismatchError, PeerFailureError
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
-from distruntime.info import DistInfo
 from distruntime.hooks import TeardownHooks
+from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
-from distruntime.mesh import MeshPlan, build_mesh, plan_mesh, ranks_per_node
+from distruntime.mesh import MeshPlan, build_mesh, plan_mesh, ranks_per_node, release_mesh
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 
@@ -306,9 +306,9 @@ class DistributedRuntime:
             return
         if info.parallel is None:
             raise GroupMismatchError(
-                f"mesh={self.mesh!r} was asked for, but the live process group has no mesh "
-                f"({'created outside distruntime' if info.launcher == 'external' else 'an outer runtime without mesh='}). "
-                "Fix: give the outermost DistributedRuntime the mesh= argument."
+                f"mesh={self.mesh!r} was asked for, but the live process group has no mesh (it "
+                "was made by an outer runtime without mesh=, or outside distruntime). Fix: give "
+                "the outermost DistributedRuntime the mesh= argument."
             )
         wanted = plan_mesh(self.mesh, info.world_size).sizes
         if wanted != info.parallel.plan.sizes:
@@ -376,7 +376,9 @@ class DistributedRuntime:
                            plan.shape, "; ".join(plan.spans))
         return plan
 
-    def _create_group(self, session: _Session, launch: LaunchEnv, deadline: float, plan: MeshPlan | None) -> None:
+    def _create_group(
+        self, session: _Session, launch: LaunchEnv, deadline: float, plan: MeshPlan | None
+    ) -> None:
         info = session.info
         timeout = (
             None if self.collective_timeout_minutes is None
@@ -514,6 +516,7 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         session.hooks.run()  # user cleanup, while the groups its resources use still exist
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
+        release_mesh(session.info.parallel)
         if exc is not None and rdzv is not None and rdzv.hosts_store:
             run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
     finally:
