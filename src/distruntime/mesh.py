@@ -176,7 +176,7 @@ def plan_mesh(
         >>> try:
         ...     plan_mesh({"tp": 3, "dp_shard": -1}, 8)
         ... except MeshConfigError as error:
-        ...     print(str(error).split(": ", 1)[1])
+        ...     print(str(error).split("}: ", 1)[1])
         tp=3 does not divide world size 8; sizes that fit: 1, 2, 4, 8. Fix: choose one of those sizes for tp.
     """
     if not isinstance(spec, Mapping):
