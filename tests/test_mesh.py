@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 import warnings
@@ -330,3 +331,18 @@ def test_teardown_hooks_order_isolation_bound_and_failure_path(caplog: pytest.Lo
         dist.barrier()
     assert ran == ["second"] and state == [True] and not dist.is_initialized()
     assert_all_ranks(not dist.distributed_c10d._world.pg_map, "a group survived teardown")
+
+
+# ---------------------------------------------------------------------- the example
+@pytest.mark.processes
+def test_fsdp2_tp_example_trains_under_torchrun() -> None:
+    """FSDP2 over dp_shard_cp and TP over tp on 4 CPU/gloo ranks: the loss goes down."""
+    from procs import REPO, TORCHRUN, run
+
+    example = str(REPO / "examples" / "train_fsdp_tp.py")
+    result = run([TORCHRUN, "--nproc-per-node", "4", example, "--steps", "40"], 150)
+    assert result.returncode == 0, result.output
+    losses = [float(m) for m in re.findall(r"step +\d+ +loss (\d+\.\d+)", result.stderr)]
+    assert len(losses) == 5 and losses[-1] < losses[0] / 10, result.stderr
+    assert "mesh ParallelMesh(pp=1, dp_replicate=1, dp_shard=2, cp=1, tp=2), 4 ranks" in result.stderr
+    assert "(converged)" in result.stderr and "Warning:" not in result.stderr, result.stderr
