@@ -1,0 +1,91 @@
+"""One torchrun worker of ``bench_mesh.py``: the 5-dim mesh, by hand versus from the runtime.
+
+Imports first (not measured), then ``--warmup + --inner`` rounds, alternating which
+contender goes first:
+
+* ``raw``: ``with DistributedRuntime("gloo"):`` and inside it what every training stack
+  writes by hand -- ``init_device_mesh("cpu", sizes, mesh_dim_names=...)``, the five 1-D
+  slices, and ``_flatten`` of dp, dp_shard_cp and dp_cp.
+* ``runtime``: ``with DistributedRuntime("gloo", mesh=SPEC):`` (validation, the check-in
+  agreement, the same mesh and sub-meshes, teardown).
+
+Both are timed from entry to the end of teardown, so the only difference is the mesh
+code path. Each round starts at an untimed store barrier; each rank writes its times to
+``<out>/rank<R>.json``; the harness takes the max over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from datetime import timedelta
+from pathlib import Path
+
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from distruntime import DistributedRuntime
+
+DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
+FLAT = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
+        "dp_cp": ("dp_replicate", "dp_shard", "cp")}
+
+
+def _sync(store: Store, key: str, world: int) -> None:
+    if store.add(f"{key}/n", 1) == world:
+        store.set(f"{key}/go", "1")
+    store.wait([f"{key}/go"], timedelta(seconds=600))
+
+
+def _raw(sizes: tuple[int, ...]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with DistributedRuntime("gloo"):
+        mesh = init_device_mesh("cpu", sizes, mesh_dim_names=DIMS)
+        subs: dict[str, DeviceMesh] = {name: mesh[name] for name in DIMS}
+        for name, parts in FLAT.items():
+            subs[name] = mesh[parts]._flatten(name)
+        groups = len({m.get_group().group_name for m in subs.values()})
+    # Inside the clock: the mesh keeps its (destroyed) groups alive until it goes, and
+    # freeing them is part of this contender's teardown, not the next round's.
+    t1 = time.perf_counter()
+    del mesh, subs
+    return time.perf_counter() - t0, groups
+
+
+def _runtime(spec: dict[str, int]) -> tuple[float, int]:
+    t0 = time.perf_counter()
+    with DistributedRuntime("gloo", mesh=spec) as info:
+        groups = len(info.parallel.group_dims) if info.parallel is not None else 0
+    return time.perf_counter() - t0, groups
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--inner", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--spec", default='{"pp": 2, "dp_shard": 2, "tp": 2}')
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    spec = json.loads(args.spec)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    known = math.prod(v for v in spec.values() if v != -1)
+    sizes = tuple(world // known if spec.get(d) == -1 else spec.get(d, 1) for d in DIMS)
+    agent = TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                     timeout=timedelta(seconds=600))
+    sync = PrefixStore("bench-sync", agent)
+    records: list[dict[str, object]] = []
+    for i in range(args.warmup + args.inner):
+        for variant in ("raw", "runtime") if i % 2 == 0 else ("runtime", "raw"):
+            _sync(sync, f"{i}/{variant}", world)
+            seconds, groups = _raw(sizes) if variant == "raw" else _runtime(spec)
+            records.append({"iteration": i, "variant": variant, "warmup": i < args.warmup,
+                            "total": seconds, "groups": groups})
+    _sync(sync, "done", world)
+    Path(args.out, f"rank{rank}.json").write_text(json.dumps({"rank": rank, "records": records}))
+
+
+if __name__ == "__main__":
+    main()
