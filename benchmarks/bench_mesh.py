@@ -3,9 +3,10 @@
 Both contenders start and stop a ``DistributedRuntime("gloo")``; the raw one builds the
 mesh itself (``init_device_mesh`` + five slices + three ``_flatten``), the other passes
 ``mesh={"pp": 2, "dp_shard": 2, "tp": 2}`` (five dims: dp_replicate and cp are 1). See
-``workers/mesh_worker.py``. Reported: the median of each over all rounds (a round's time
-is the max over ranks), the ratio of medians and the median of per-round paired ratios
-(each round runs both back to back, so drift on a shared machine cancels). Goal: <= 1.05.
+``workers/mesh_worker.py``. Reported for the build (entry until the mesh exists) and for
+the teardown: the median of each over all rounds (a round's time is the max over ranks),
+the ratio of medians and the median of per-round paired ratios (each round runs both back
+to back, so drift on a shared machine cancels). Goal: build ratio <= 1.05.
 
 Usage::
 
@@ -47,36 +48,54 @@ def main() -> None:
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/mesh.json")
     args = parser.parse_args()
 
-    samples: dict[str, list[float]] = {"raw": [], "runtime": []}
-    groups: dict[str, set[int]] = {"raw": set(), "runtime": set()}
+    fields = ("up", "down", "free")
+    samples: dict[tuple[str, str], list[float]] = {(v, f): [] for v in ("raw", "runtime") for f in fields}
     loads = []
     for rep in range(args.repeats):
-        per: dict[tuple[int, str], float] = {}
+        per: dict[tuple[int, str, str], float] = {}
         for worker in launch(args.nproc, args.inner, args.warmup, args.spec, args.timeout):
             for r in worker["records"]:
-                groups[r["variant"]].add(int(r["groups"]))
                 if not r["warmup"]:
-                    key = (int(r["iteration"]), str(r["variant"]))
-                    per[key] = max(per.get(key, 0.0), float(r["total"]))
-        for (_, variant), value in sorted(per.items()):
-            samples[variant].append(value)
+                    for f in fields:
+                        key = (int(r["iteration"]), str(r["variant"]), f)
+                        per[key] = max(per.get(key, 0.0), float(r[f]))
+        for (_, variant, f), value in sorted(per.items()):
+            samples[variant, f].append(value)
         loads.append(loadavg())
-        print(f"launch {rep + 1}/{args.repeats}: raw {median(samples['raw']) * 1e3:.1f} ms, runtime "
-              f"{median(samples['runtime']) * 1e3:.1f} ms (medians so far)", file=sys.stderr)
-    raw, rt = samples["raw"], samples["runtime"]
-    paired = [b / a for a, b in zip(raw, rt, strict=True)]
+        print(f"launch {rep + 1}/{args.repeats}: build raw {median(samples['raw', 'up']) * 1e3:.1f} ms, "
+              f"runtime {median(samples['runtime', 'up']) * 1e3:.1f} ms (medians so far)", file=sys.stderr)
+
+    def ms(values: list[float]) -> list[float]:
+        return [round(x * 1e3, 2) for x in values]
+
+    raw_up, rt_up = samples["raw", "up"], samples["runtime", "up"]
+    raw_down = [a + b for a, b in zip(samples["raw", "down"], samples["raw", "free"], strict=True)]
+    rt_down = samples["runtime", "down"]
     result = {
-        "n": args.nproc, "spec": json.loads(args.spec), "rounds": len(raw),
-        "raw_ms": [x * 1e3 for x in raw], "runtime_ms": [x * 1e3 for x in rt],
-        "raw_median_ms": median(raw) * 1e3, "runtime_median_ms": median(rt) * 1e3,
-        "raw_iqr_ms": [x * 1e3 for x in iqr(raw)], "runtime_iqr_ms": [x * 1e3 for x in iqr(rt)],
-        "ratio_of_medians": median(rt) / median(raw), "median_paired_ratio": median(paired),
-        "groups_per_rank": {k: sorted(v) for k, v in groups.items()}, "loadavg_1min": loads,
+        "n": args.nproc, "spec": json.loads(args.spec), "rounds": len(raw_up),
+        "raw_up_ms": ms(raw_up), "runtime_up_ms": ms(rt_up),
+        "raw_down_ms": ms(samples["raw", "down"]), "raw_free_ms": ms(samples["raw", "free"]),
+        "runtime_down_ms": ms(rt_down),
+        "raw_up_median_ms": median(raw_up) * 1e3, "runtime_up_median_ms": median(rt_up) * 1e3,
+        "raw_up_iqr_ms": ms(list(iqr(raw_up))), "runtime_up_iqr_ms": ms(list(iqr(rt_up))),
+        "build_ratio_of_medians": median(rt_up) / median(raw_up),
+        "build_median_paired_ratio": median([b / a for a, b in zip(raw_up, rt_up, strict=True)]),
+        "raw_down_median_ms": median(samples["raw", "down"]) * 1e3,
+        "raw_free_median_ms": median(samples["raw", "free"]) * 1e3,
+        "runtime_down_median_ms": median(rt_down) * 1e3,
+        "teardown_median_paired_ratio": median([b / a for a, b in zip(raw_down, rt_down, strict=True)]),
+        "loadavg_1min": loads,
     }
-    print(table(["N", "spec", "rounds", "raw (ms)", "runtime (ms)", "ratio of medians", "median paired ratio"],
-                [[args.nproc, args.spec, len(raw), f"{result['raw_median_ms']:.1f}",
-                  f"{result['runtime_median_ms']:.1f}", f"{result['ratio_of_medians']:.3f}",
-                  f"{result['median_paired_ratio']:.3f}"]]))
+    print(table(
+        ["N", "rounds", "build raw (ms)", "build runtime (ms)", "build ratio of medians",
+         "build median paired ratio", "teardown raw: destroy + free (ms)", "teardown runtime (ms)",
+         "teardown median paired ratio"],
+        [[args.nproc, len(raw_up), f"{result['raw_up_median_ms']:.1f}",
+          f"{result['runtime_up_median_ms']:.1f}",
+          f"{result['build_ratio_of_medians']:.3f}", f"{result['build_median_paired_ratio']:.3f}",
+          f"{result['raw_down_median_ms']:.1f} + {result['raw_free_median_ms']:.1f}",
+          f"{result['runtime_down_median_ms']:.1f}", f"{result['teardown_median_paired_ratio']:.3f}"]]))
+    print(f"spec {args.spec}; load average (1 min) after each launch: {loads}")
     if not args.no_save:
         path = save("mesh", {"machine": machine(), "repeats": args.repeats, "inner": args.inner,
                              "warmup": args.warmup, "result": result})
