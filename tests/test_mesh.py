@@ -152,6 +152,16 @@ def test_world_size_one_builds_no_extra_group() -> None:
     assert not dist.is_initialized()
 
 
+def test_mesh_on_an_adopted_group_is_refused() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(GroupMismatchError, match=r"has no mesh .*Fix: give the outermost"):
+            DistributedRuntime("gloo", env={}, mesh={"tp": 1}).__enter__()
+        assert not distruntime.is_active()
+    finally:
+        dist.destroy_process_group()
+
+
 def test_on_teardown_needs_an_active_runtime() -> None:
     with pytest.raises(DistRuntimeError, match="needs an active DistributedRuntime"):
         distruntime.on_teardown(lambda: None)

@@ -351,6 +351,7 @@ def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta |
     ``timeout`` (the runtime's collective timeout) is given to every new mesh group;
     ``None`` leaves torch's default, the same the default group then has.
     """
+    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -363,12 +364,16 @@ def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta |
         submeshes[name] = root[FLATTENED[name]]._flatten(name) if way == "flatten" else submeshes[target]
     group_dims: dict[str, str] = {}
     default = dist.distributed_c10d._get_default_group()
+    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    if timeout is not None and set_timeout is None:
+        logger.warning("torch %s cannot set a group's timeout: mesh groups keep torch's default",
+                       torch.__version__)
     for name, mesh in submeshes.items():
         group = mesh.get_group()
         previous = group_dims.get(group.group_name)
         group_dims[group.group_name] = name if previous is None else f"{previous},{name}"
-        if previous is None and timeout is not None and group is not default:
-            dist.distributed_c10d._set_pg_timeout(timeout, group)
+        if previous is None and timeout is not None and set_timeout is not None and group is not default:
+            set_timeout(timeout, group)
     logger.debug("built device mesh %s on %s; groups %s", plan.shape, device_type, group_dims)
     return ParallelMesh(plan, rank, root, submeshes, group_dims)
 
