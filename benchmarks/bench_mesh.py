@@ -23,7 +23,20 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import TORCHRUN, WORKERS, iqr, loadavg, machine, median, run, save, table
+from _common import (
+    TORCHRUN,
+    WORKERS,
+    add_resolver_flag,
+    iqr,
+    loadavg,
+    machine,
+    median,
+    result_name,
+    run,
+    save,
+    setup_resolver,
+    table,
+)
 
 
 def launch(n: int, inner: int, warmup: int, spec: str, timeout_s: float) -> list[dict[str, Any]]:
@@ -46,7 +59,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per launch (default: 1)")
     parser.add_argument("--timeout", type=float, default=600, help="bound per launch in seconds")
     parser.add_argument("--no-save", action="store_true", help="do not write benchmarks/results/mesh.json")
+    add_resolver_flag(parser)
     args = parser.parse_args()
+    resolver = setup_resolver(args)  # torch's reverse DNS stalls of 5 s: docs/benchmarks.md
 
     fields = ("up", "down", "free")
     samples: dict[tuple[str, str], list[float]] = {(v, f): [] for v in ("raw", "runtime") for f in fields}
@@ -95,10 +110,11 @@ def main() -> None:
           f"{result['build_ratio_of_medians']:.3f}", f"{result['build_median_paired_ratio']:.3f}",
           f"{result['raw_down_median_ms']:.1f} + {result['raw_free_median_ms']:.1f}",
           f"{result['runtime_down_median_ms']:.1f}", f"{result['teardown_median_paired_ratio']:.3f}"]]))
-    print(f"spec {args.spec}; load average (1 min) after each launch: {loads}")
+    print(f"spec {args.spec}; resolver: {resolver}; load average (1 min) after each launch: {loads}")
     if not args.no_save:
-        path = save("mesh", {"machine": machine(), "repeats": args.repeats, "inner": args.inner,
-                             "warmup": args.warmup, "result": result})
+        path = save(result_name("mesh", resolver), {
+            "machine": machine(), "resolver": resolver, "repeats": args.repeats, "inner": args.inner,
+            "warmup": args.warmup, "result": result})
         print(f"saved {path}", file=sys.stderr)
 
 
