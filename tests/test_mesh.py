@@ -285,8 +285,10 @@ def test_reentry_nesting_and_failure_leave_no_group() -> None:
             dist.all_reduce(tensor, group=info.submesh("tp").get_group())
             assert tensor.item() == 2
         assert not dist.is_initialized() and not dist.distributed_c10d._world.pg_map
+    # Rank 1 fails; rank 3, blocked with it in a dp collective, fails at once (torch's
+    # references to the mesh groups were dropped) and its report names the mesh dim.
     with (
-        pytest.raises((ValueError, PeerFailureError)),
+        pytest.raises((ValueError, PeerFailureError)) as caught,
         DistributedRuntime("gloo", mesh={"dp_shard": -1, "tp": 2}) as info,
     ):
         if info.rank == 1:
@@ -294,6 +296,9 @@ def test_reentry_nesting_and_failure_leave_no_group() -> None:
         dist.barrier(group=info.submesh("dp").get_group())
         dist.barrier()
     assert not dist.is_initialized() and not dist.distributed_c10d._world.pg_map
+    if int(os.environ["RANK"]) == 3:
+        assert "rank 1 failed first (ValueError: boom)" in str(caught.value)
+        assert "(in a collective over mesh dim 'dp')" in str(caught.value)
 
 
 @pytest.mark.distributed(world_size=4, init=False)

@@ -49,6 +49,7 @@ __all__ = [
     "ParallelMesh",
     "build_mesh",
     "mesh_dim_of_group",
+    "mesh_dim_of_failure",
     "plan_mesh",
     "ranks_per_node",
     "release_mesh",
@@ -393,6 +394,34 @@ def release_mesh(parallel: ParallelMesh | None) -> None:
         registry = getattr(mesh, "_pg_registry", None)
         if isinstance(registry, dict):
             registry.clear()
+
+
+def mesh_dim_of_failure(parallel: ParallelMesh | None, exc: BaseException) -> str:
+    """``" (in a collective over mesh dim 'tp')"`` when ``exc`` came out of a torch
+    collective on one of the mesh's groups, else ``""`` (for the failure report).
+
+    The group is the ``group`` argument of the innermost ``torch.distributed`` frame of
+    the traceback (``None`` there means the default group); gloo's own messages never
+    name the group. Only runs on the failure path.
+    """
+    if parallel is None:
+        return ""
+    import torch.distributed as dist
+
+    seen, found = False, None
+    tb = exc.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        if frame.f_code.co_filename.endswith("distributed_c10d.py") and "group" in frame.f_locals:
+            seen, found = True, frame.f_locals["group"]
+        tb = tb.tb_next
+    if not seen:
+        return ""
+    if found is None and dist.is_initialized():
+        found = dist.distributed_c10d._get_default_group()
+    name = getattr(found, "group_name", None)
+    dim = parallel.group_dims.get(name) if isinstance(name, str) else None
+    return f" (in a collective over mesh dim {dim!r})" if dim else ""
 
 
 def mesh_dim_of_group(group_name: str) -> str | None:

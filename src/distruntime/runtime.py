@@ -35,7 +35,14 @@ from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linge
 from distruntime.hooks import TeardownHooks
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover
-from distruntime.mesh import MeshPlan, build_mesh, plan_mesh, ranks_per_node, release_mesh
+from distruntime.mesh import (
+    MeshPlan,
+    build_mesh,
+    mesh_dim_of_failure,
+    plan_mesh,
+    ranks_per_node,
+    release_mesh,
+)
 from distruntime.rendezvous import Rendezvous, barrier, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 
@@ -511,7 +518,8 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
             # Before the shutdown: peers learn who failed from this record when the
             # shutdown breaks their collectives.
             def report() -> None:
-                peer_error[0] = report_failure(rdzv, session.info.rank, exc)
+                where = mesh_dim_of_failure(session.info.parallel, exc)
+                peer_error[0] = report_failure(rdzv, session.info.rank, exc, where)
 
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         session.hooks.run()  # user cleanup, while the groups its resources use still exist
