@@ -48,6 +48,7 @@ __all__ = [
     "MeshPlan",
     "ParallelMesh",
     "build_mesh",
+    "flatten_ways",
     "mesh_dim_of_group",
     "mesh_dim_of_failure",
     "plan_mesh",
@@ -346,6 +347,14 @@ def flatten_way(plan: MeshPlan, name: str, torch_can_flatten: bool) -> tuple[Fla
     )
 
 
+def flatten_ways(plan: MeshPlan) -> dict[str, tuple[FlattenWay, str]]:
+    """:func:`flatten_way` of every flattened dim on the installed torch (refuses early)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    can_flatten = hasattr(DeviceMesh, "_flatten")
+    return {name: flatten_way(plan, name, can_flatten) for name in FLATTENED}
+
+
 def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta | None) -> ParallelMesh:
     """Create the root mesh and every sub-mesh (a collective: every rank calls it).
 
@@ -354,10 +363,9 @@ def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta |
     """
     import torch
     import torch.distributed as dist
-    from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+    from torch.distributed.device_mesh import init_device_mesh
 
-    can_flatten = hasattr(DeviceMesh, "_flatten")
-    ways = {name: flatten_way(plan, name, can_flatten) for name in FLATTENED}  # refuse before any group
+    ways = flatten_ways(plan)
     root = init_device_mesh(device_type, plan.sizes, mesh_dim_names=DIMS)
     submeshes: dict[str, DeviceMesh] = {name: root[name] for name in DIMS}
     for name, (way, target) in ways.items():

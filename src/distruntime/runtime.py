@@ -38,6 +38,7 @@ from distruntime.launchers import LaunchEnv, discover
 from distruntime.mesh import (
     MeshPlan,
     build_mesh,
+    flatten_ways,
     mesh_dim_of_failure,
     plan_mesh,
     ranks_per_node,
@@ -378,6 +379,7 @@ class DistributedRuntime:
         plan = plan_mesh(
             self.mesh, launch.world_size, ranks_per_node=ranks_per_node(launch), strict=self.mesh_strict
         )
+        flatten_ways(plan)  # a torch that cannot build it is refused here too
         if plan.spans and launch.rank == 0:
             logger.warning("device mesh %s: %s (slow; mesh_strict=True makes this an error)",
                            plan.shape, "; ".join(plan.spans))
