@@ -211,7 +211,7 @@ class DistributedRuntime:
     def __repr__(self) -> str:
         return (
             f"DistributedRuntime(backend={self.backend!r}, timeout_minutes={self.timeout_minutes!r}, "
-            f"state={self._state!r})"
+            f"{'' if self.mesh is None else f'mesh={self.mesh!r}, '}state={self._state!r})"
         )
 
     # ------------------------------------------------------------------ context manager
