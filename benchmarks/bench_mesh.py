@@ -19,35 +19,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-from pathlib import Path
-from typing import Any
 
 from _common import (
-    TORCHRUN,
-    WORKERS,
     add_resolver_flag,
     iqr,
     loadavg,
     machine,
     median,
     result_name,
-    run,
     save,
     setup_resolver,
     table,
+    torchrun_records,
 )
-
-
-def launch(n: int, inner: int, warmup: int, spec: str, timeout_s: float) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="drt-bench-mesh-") as out:
-        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(n), "--monitor-interval", "0.1",
-               str(WORKERS / "mesh_worker.py"), "--inner", str(inner), "--warmup", str(warmup),
-               "--spec", spec, "--out", out]
-        result = run(cmd, timeout_s)
-        if result.returncode != 0:
-            raise SystemExit(f"torchrun with {n} workers failed ({result.returncode}):\n{result.tail()}")
-        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
 
 
 def main() -> None:
@@ -68,7 +52,8 @@ def main() -> None:
     loads = []
     for rep in range(args.repeats):
         per: dict[tuple[int, str, str], float] = {}
-        for worker in launch(args.nproc, args.inner, args.warmup, args.spec, args.timeout):
+        worker_args = ["--inner", str(args.inner), "--warmup", str(args.warmup), "--spec", args.spec]
+        for worker in torchrun_records("mesh_worker.py", args.nproc, worker_args, args.timeout):
             for r in worker["records"]:
                 if not r["warmup"]:
                     for f in fields:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+from train_ddp import make_shard  # the same synthetic regression set, sliced per replica
 
 from distruntime import DistributedRuntime
 
@@ -37,15 +38,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # clone: RowwiseParallel's output is a view, which FSDP2 warns about at its root.
         return self.down(torch.relu(self.up(x))).clone()
-
-
-def make_shard(dp_rank: int, dp_size: int, samples: int, features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This replica's slice of one synthetic data set (the same on every rank: seed 0)."""
-    generator = torch.Generator().manual_seed(0)
-    w_true = torch.randn(features, 1, generator=generator)
-    x = torch.randn(samples, features, generator=generator)
-    y = x @ w_true + 0.01 * torch.randn(samples, 1, generator=generator)
-    return x[dp_rank::dp_size], y[dp_rank::dp_size]
 
 
 def main() -> int:

@@ -26,20 +26,13 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+from startup_worker import _sync  # the untimed store barrier between rounds
+from torch._C._distributed_c10d import PrefixStore, TCPStore
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from distruntime import DistributedRuntime
-
-DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
-FLAT = {"dp": ("dp_replicate", "dp_shard"), "dp_shard_cp": ("dp_shard", "cp"),
-        "dp_cp": ("dp_replicate", "dp_shard", "cp")}
-
-
-def _sync(store: Store, key: str, world: int) -> None:
-    if store.add(f"{key}/n", 1) == world:
-        store.set(f"{key}/go", "1")
-    store.wait([f"{key}/go"], timedelta(seconds=600))
+from distruntime.mesh import DIMS
+from distruntime.mesh import FLATTENED as FLAT
 
 
 def _raw(sizes: tuple[int, ...]) -> dict[str, float]:
