@@ -99,36 +99,42 @@ class MeshPlan:
 
     def size(self, name: str) -> int:
         """The size of a dim or flattened dim."""
-        return math.prod(self.sizes[DIMS.index(part)] for part in _parts(name))
+        return self._layout(name)[1]
 
     def coordinate(self, name: str, rank: int) -> int:
         """``rank``'s index within its group of ``name`` (e.g. its data-parallel rank)."""
-        coords = self._coords(rank)
-        index = 0
-        for part in _parts(name):
-            index = index * self.sizes[DIMS.index(part)] + coords[DIMS.index(part)]
-        return index
+        _, size, stride = self._layout(name)
+        return (rank // stride) % size
 
     def group_of(self, name: str, rank: int) -> tuple[int, ...]:
         """The ranks of ``rank``'s group of ``name``, in mesh order."""
-        return next(group for group in self.groups(name) if rank in group)
+        _, size, stride = self._layout(name)
+        base = rank - self.coordinate(name, rank) * stride
+        return tuple(range(base, base + size * stride, stride))
 
     def groups(self, name: str) -> tuple[tuple[int, ...], ...]:
         """Every group of a dim or flattened dim, each in mesh order, sorted by first rank."""
-        moving = {DIMS.index(part) for part in _parts(name)}
-        found: dict[tuple[int, ...], list[int]] = {}
-        for rank in range(self.world_size):
-            coords = self._coords(rank)
-            fixed = tuple(c for i, c in enumerate(coords) if i not in moving)
-            found.setdefault(fixed, []).append(rank)  # ascending rank == row-major order
-        return tuple(sorted(tuple(group) for group in found.values()))
+        _, size, stride = self._layout(name)
+        return tuple(tuple(range(base, base + size * stride, stride)) for base in self._bases(name))
 
-    def _coords(self, rank: int) -> tuple[int, ...]:
-        coords = []
-        for size in reversed(self.sizes):
-            rank, coord = divmod(rank, size)
-            coords.append(coord)
-        return tuple(reversed(coords))
+    def _layout(self, name: str) -> tuple[int, int, int]:
+        """(number of blocks, group size, stride) of ``name``'s groups.
+
+        Row-major over :data:`DIMS`, and every flattened dim merges adjacent dims, so a
+        group is an arithmetic progression: ``base + i * stride`` for ``i < size``.
+        """
+        first, last = (DIMS.index(part) for part in (_parts(name)[0], _parts(name)[-1]))
+        return (
+            math.prod(self.sizes[:first]),
+            math.prod(self.sizes[first : last + 1]),
+            math.prod(self.sizes[last + 1 :]),
+        )
+
+    def _bases(self, name: str) -> Iterator[int]:
+        """The first rank of every group of ``name``, ascending."""
+        blocks, size, stride = self._layout(name)
+        for block in range(blocks):
+            yield from range(block * size * stride, block * size * stride + stride)
 
 
 def _parts(name: str) -> tuple[str, ...]:
@@ -247,14 +253,18 @@ def plan_mesh(
 
 def _spanning_groups(plan: MeshPlan, per_node: int) -> Iterator[str]:
     for name in _NODE_LOCAL:
-        crossing = [g for g in plan.groups(name) if len({r // per_node for r in g}) > 1]
+        _, size, stride = plan._layout(name)
+        span = (size - 1) * stride  # a group's ranks ascend: first and last nodes tell
+        crossing = [b for b in plan._bases(name) if b // per_node != (b + span) // per_node]
         if not crossing:
             continue
         shown = "; ".join(
-            f"{list(g)} on nodes {sorted({r // per_node for r in g})}" for g in crossing[:_MAX_LISTED]
+            f"{list(plan.group_of(name, b))} on nodes "
+            f"{sorted({r // per_node for r in plan.group_of(name, b)})}"
+            for b in crossing[:_MAX_LISTED]
         )
         more = f" (and {len(crossing) - _MAX_LISTED} more)" if len(crossing) > _MAX_LISTED else ""
-        yield f"{name}={plan.size(name)} spans nodes in {len(crossing)} group(s): {shown}{more}"
+        yield f"{name}={size} spans nodes in {len(crossing)} group(s): {shown}{more}"
 
 
 def ranks_per_node(launch: LaunchEnv) -> int | None:
