@@ -526,7 +526,8 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         session.hooks.run()  # user cleanup, while the groups its resources use still exist
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
-        release_mesh(session.info.parallel)
+        if session.info.parallel is not None:  # frees the groups: a destructor must not hang us
+            run_bounded(lambda: release_mesh(session.info.parallel), timeout_s, "release of the mesh groups")
         if exc is not None and rdzv is not None and rdzv.hosts_store:
             run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
     finally:
