@@ -32,7 +32,6 @@ from distruntime import (
     discover,
 )
 from distruntime.mesh import DIMS, flatten_way, mesh_dim_of_group, plan_mesh, ranks_per_node
-from distruntime.testing import assert_all_ranks
 
 # torch < 2.5 has no DeviceMesh._flatten: the runtime then serves a flattened dim that
 # merges nothing by the one dim it holds, and refuses one that merges two (flatten_way).
@@ -360,7 +359,8 @@ def test_teardown_hooks_order_isolation_bound_and_failure_path(caplog: pytest.Lo
             raise ValueError("boom")
         dist.barrier()
     assert ran == ["second"] and state == [True] and not dist.is_initialized()
-    assert_all_ranks(not dist.distributed_c10d._world.pg_map, "a group survived teardown")
+    # A plain assert: after teardown no peer waits on this rank.
+    assert not dist.distributed_c10d._world.pg_map, "a group survived teardown"
 
 
 # ---------------------------------------------------------------------- the example
