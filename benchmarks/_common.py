@@ -126,6 +126,18 @@ def run(cmd: Sequence[str], timeout_s: float, env: Mapping[str, str] | None = No
     return Run(code, out, err, time.perf_counter() - started)
 
 
+def torchrun_records(worker: str, n: int, args: Sequence[str], timeout_s: float) -> list[dict[str, Any]]:
+    """One ``torchrun --standalone`` launch of ``workers/<worker>`` on N ranks, each of which
+    writes ``<out>/rank<R>.json`` (``--out`` is appended); returns those records."""
+    with tempfile.TemporaryDirectory(prefix="drt-bench-") as out:
+        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(n), "--monitor-interval", "0.1",
+               str(WORKERS / worker), *args, "--out", out]
+        result = run(cmd, timeout_s)
+        if result.returncode != 0:
+            raise SystemExit(f"torchrun with {n} workers failed ({result.returncode}):\n{result.tail()}")
+        return [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
+
+
 def median(values: Sequence[float]) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

@@ -19,6 +19,8 @@ from distruntime.errors import (
     GroupMismatchError,
     HangError,
     LaunchEnvError,
+    MeshConfigError,
+    MeshMismatchError,
     PeerFailureError,
     RendezvousError,
     SignalExit,
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
         get_world_size_safe,
         initialize_distributed,
     )
-    from distruntime.runtime import DistributedRuntime, current, is_active
+    from distruntime.runtime import DistributedRuntime, current, is_active, on_teardown
     from distruntime.stop import StopReason, request_stop, should_stop, stop_reason
 
 # Names that need torch are imported on first use, so that merely installing the
@@ -54,6 +56,7 @@ _LAZY = {
     "request_stop": "distruntime.stop",
     "should_stop": "distruntime.stop",
     "stop_reason": "distruntime.stop",
+    "on_teardown": "distruntime.runtime",
 }
 
 
@@ -78,6 +81,8 @@ __all__ = [
     "HangError",
     "LaunchEnv",
     "LaunchEnvError",
+    "MeshConfigError",
+    "MeshMismatchError",
     "PeerFailureError",
     "RendezvousError",
     "SignalExit",
@@ -95,4 +100,5 @@ __all__ = [
     "request_stop",
     "should_stop",
     "stop_reason",
+    "on_teardown",
 ]

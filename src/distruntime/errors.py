@@ -14,6 +14,8 @@ __all__ = [
     "GroupMismatchError",
     "HangError",
     "LaunchEnvError",
+    "MeshConfigError",
+    "MeshMismatchError",
     "PeerFailureError",
     "RendezvousError",
     "SignalExit",
@@ -55,12 +57,23 @@ class RendezvousError(DistRuntimeError):
         reason: a machine-readable cause: ``"port_in_use"``, ``"unresolvable"``,
             ``"unreachable"``, ``"not_a_store"``, ``"missing_ranks"``, ``"store_lost"``,
             ``"duplicate_rank"``, ``"world_size_mismatch"``, ``"port_collision"`` (another job's
-            store on a derived port) (``""`` when unknown).
+            store on a derived port), ``"mesh_mismatch"`` (``""`` when unknown).
     """
 
     def __init__(self, message: str, *, reason: str = "") -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class MeshConfigError(DistRuntimeError, ValueError):
+    """A ``mesh=`` spec that cannot be built: unknown dim, bad size, sizes that do not fit
+    the world size, or (with ``mesh_strict=True``) a ``tp``/``cp`` group spanning nodes.
+    Raised on every rank before any process group exists."""
+
+
+class MeshMismatchError(RendezvousError):
+    """Ranks asked for different meshes (caught at the rendezvous check-in, on every rank,
+    before any group exists). ``reason`` is ``"mesh_mismatch"``."""
 
 
 class GroupMismatchError(DistRuntimeError):

@@ -121,16 +121,23 @@ def _exited_ranks(store: Store, ranks: list[int], known: dict[int, str]) -> dict
     return known
 
 
-def report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailureError | None:
-    """Publish this rank's failure; if it only suffered a peer's, return the error naming it."""
+def report_failure(
+    rdzv: Rendezvous, rank: int, exc: BaseException, where: str = ""
+) -> PeerFailureError | None:
+    """Publish this rank's failure; if it only suffered a peer's, return the error naming it.
+
+    ``where`` is appended to the exception's description, e.g. the mesh dim of the
+    collective that failed (``" (in a collective over mesh dim 'tp')"``).
+    """
     store, world = rdzv.store, rdzv.launch.world_size
+    what = describe(exc) + where
     try:
         store.set_timeout(_STORE_TIMEOUT)
         if not is_peer_symptom(exc):
-            _publish(store, rank, root=True, what=describe(exc))
+            _publish(store, rank, root=True, what=what)
             return None
-        _publish(store, rank, root=False, what=describe(exc))
-        return _find_cause(rdzv, rank, exc, world)
+        _publish(store, rank, root=False, what=what)
+        return _find_cause(rdzv, rank, what, world)
     except dist.DistError as store_error:
         if rdzv.hosts_store or not is_peer_symptom(exc):
             logger.warning("could not record this failure for peers: %s", store_error)
@@ -139,12 +146,12 @@ def report_failure(rdzv: Rendezvous, rank: int, exc: BaseException) -> PeerFailu
         return PeerFailureError(
             f"{host}, which hosts the rendezvous store at {rdzv.address}, is gone (it exited or "
             f"crashed: see its log); rank {rank} stopped because of it. This rank saw: "
-            f"{describe(exc)}",
+            f"{what}",
             {0: "lost"} if not rdzv.launch.agent_store else {},
         )
 
 
-def _find_cause(rdzv: Rendezvous, rank: int, exc: BaseException, world: int) -> PeerFailureError:
+def _find_cause(rdzv: Rendezvous, rank: int, saw: str, world: int) -> PeerFailureError:
     store = rdzv.store
     deadline = time.monotonic() + PEER_WINDOW_S
     exited: dict[int, str] = {}
@@ -155,7 +162,7 @@ def _find_cause(rdzv: Rendezvous, rank: int, exc: BaseException, world: int) -> 
             named = "; ".join(f"rank {r} failed first ({what})" for r, what in sorted(roots.items()))
             return PeerFailureError(
                 f"{named}; rank {rank} stopped because of it. The failed rank's log has the "
-                f"full traceback. This rank saw: {describe(exc)}",
+                f"full traceback. This rank saw: {saw}",
                 roots,
                 root_reported=True,
             )
@@ -172,7 +179,7 @@ def _find_cause(rdzv: Rendezvous, rank: int, exc: BaseException, world: int) -> 
     return PeerFailureError(
         f"{named or 'every rank reported only peer errors'}; rank {rank} stopped because of it. "
         f"(os._exit, a signal such as SIGKILL, or a crash end a rank without a report.) "
-        f"This rank saw: {describe(exc)}",
+        f"This rank saw: {saw}",
         suspects,
     )
 

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from distruntime.errors import MeshConfigError
+
+if TYPE_CHECKING:
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from distruntime.mesh import ParallelMesh
 
 __all__ = ["DistInfo"]
 
@@ -31,6 +39,9 @@ class DistInfo:
         master_port: rendezvous port (``None`` for a single process).
         restart_count: restarts before this run: torchrun's ``TORCHELASTIC_RESTART_COUNT``,
             else SLURM's ``SLURM_RESTART_COUNT`` (requeues), else 0.
+        parallel: the device mesh built from ``DistributedRuntime(mesh=...)`` (``None``
+            without one); its repr is the mesh shape. Use :attr:`mesh`,
+            :meth:`submesh`, :attr:`dp_rank` and :attr:`dp_size`.
 
     Example:
         >>> import torch
@@ -51,3 +62,31 @@ class DistInfo:
     master_addr: str | None = None
     master_port: int | None = None
     restart_count: int = 0
+    parallel: ParallelMesh | None = None
+
+    @property
+    def mesh(self) -> DeviceMesh:
+        """The root ``DeviceMesh``, dims ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``."""
+        return self._parallel().root
+
+    def submesh(self, name: str) -> DeviceMesh:
+        """The 1-D mesh of a dim, or of ``"dp"``, ``"dp_shard_cp"``, ``"dp_cp"`` (flattened)."""
+        return self._parallel().submesh(name)
+
+    @property
+    def dp_rank(self) -> int:
+        """The data-parallel rank (a data loader's rank): ``rank`` without a mesh."""
+        return self.rank if self.parallel is None else self.parallel.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        """The data-parallel size (a data loader's world size): ``world_size`` without a mesh."""
+        return self.world_size if self.parallel is None else self.parallel.dp_size
+
+    def _parallel(self) -> ParallelMesh:
+        if self.parallel is None:
+            raise MeshConfigError(
+                "this runtime has no device mesh. Fix: pass mesh= to DistributedRuntime, "
+                "e.g. DistributedRuntime('auto', mesh={'tp': 2, 'dp_shard': -1})."
+            )
+        return self.parallel

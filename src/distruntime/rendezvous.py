@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
-from distruntime.errors import RendezvousError
+from distruntime.errors import MeshMismatchError, RendezvousError
 from distruntime.launchers import LaunchEnv
 
 __all__ = ["Rendezvous", "arrive", "await_all", "barrier", "open_rendezvous"]
@@ -90,11 +90,14 @@ def open_rendezvous(
     deadline: float,
     namespace: str,
     store: Store | None = None,
+    mesh: str = "",
 ) -> Rendezvous:
     """Connect to (or, on rank 0, host) the rendezvous store and check in.
 
     ``store`` is a store every rank already shares (a test controller's); otherwise
     torchrun's agent store, or a TCPStore that rank 0 hosts at ``MASTER_ADDR:MASTER_PORT``.
+    ``mesh`` is this rank's resolved mesh shape (``""``: none); it travels with the
+    world-size claim, so ranks that disagree fail here rather than hang in ``new_group``.
     Returns once every rank has checked in; raises :class:`RendezvousError` otherwise.
     """
     started = time.monotonic()
@@ -105,7 +108,7 @@ def open_rendezvous(
     else:
         address = "the store given to DistributedRuntime"
     rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started, namespace)
-    _check_in(rdzv, deadline)
+    _check_in(rdzv, deadline, mesh)
     return rdzv
 
 
@@ -234,7 +237,7 @@ def _abort(store: Store, phase: str, message: str) -> None:
     store.compare_set(f"{phase}/go", "", f"abort:{message}")
 
 
-def _check_in(rdzv: Rendezvous, deadline: float) -> None:
+def _check_in(rdzv: Rendezvous, deadline: float, mesh: str) -> None:
     store, launch = rdzv.store, rdzv.launch
     rank = launch.rank
     me = _whoami()
@@ -248,10 +251,10 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
         )
         _abort(store, "join", f"duplicate_rank:{message}")
         raise RendezvousError(message, reason="duplicate_rank")
-    claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}"
+    claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}|{mesh}"
     first = store.compare_set("world_size", "", claim).decode()
-    if first != claim and first.split("|")[0] != str(launch.world_size):
-        size, other_rank, variable = first.split("|")
+    size, other_rank, variable, other_mesh = first.split("|", 3)
+    if first != claim and size != str(launch.world_size):
         message = (
             f"ranks disagree on the world size: rank {other_rank} has {variable}={size}, rank "
             f"{rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
@@ -259,6 +262,14 @@ def _check_in(rdzv: Rendezvous, deadline: float) -> None:
         )
         _abort(store, "join", f"world_size_mismatch:{message}")
         raise RendezvousError(message, reason="world_size_mismatch")
+    if other_mesh != mesh:
+        message = (
+            f"ranks asked for different device meshes: rank {other_rank} has mesh "
+            f"{other_mesh or 'none'}, rank {rank} has mesh {mesh or 'none'}. Fix: pass the same "
+            "mesh= to DistributedRuntime on every rank."
+        )
+        _abort(store, "join", f"mesh_mismatch:{message}")
+        raise MeshMismatchError(message, reason="mesh_mismatch")
     barrier(rdzv, "join", deadline)
 
 
@@ -278,7 +289,7 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
             raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
         reason, _, message = verdict.removeprefix("abort:").partition(":")
-        raise RendezvousError(message, reason=reason)
+        raise (MeshMismatchError if reason == "mesh_mismatch" else RendezvousError)(message, reason=reason)
 
 
 def arrive(rdzv: Rendezvous, phase: str) -> str | None:

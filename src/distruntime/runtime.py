@@ -19,7 +19,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -38,8 +38,18 @@ from distruntime.errors import (
     PeerFailureError,
 )
 from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
+from distruntime.hooks import TeardownHooks
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover, missing_mpi_rendezvous
+from distruntime.mesh import (
+    MeshPlan,
+    build_mesh,
+    flatten_ways,
+    mesh_dim_of_failure,
+    plan_mesh,
+    ranks_per_node,
+    release_mesh,
+)
 from distruntime.mpi import broadcast_rendezvous
 from distruntime.rendezvous import Rendezvous, arrive, await_all, open_rendezvous
 from distruntime.stop import DEFAULT_STOP_SIGNALS, StopCoordinator, requeue_slurm_job
@@ -47,7 +57,7 @@ from distruntime.stop import start as start_stop
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 from distruntime.watchdog import Watchdog, start_watchdog
 
-__all__ = ["DistributedRuntime", "current", "is_active", "stop_coordinator"]
+__all__ = ["DistributedRuntime", "current", "is_active", "on_teardown", "stop_coordinator"]
 
 logger = logging.getLogger("distruntime")
 
@@ -67,6 +77,7 @@ class _Session:
     env_patch: EnvPatch = field(default_factory=EnvPatch)
     watchdog: Watchdog | None = None
     stop: StopCoordinator | None = None  # graceful_stop=True
+    hooks: TeardownHooks = field(default_factory=TeardownHooks)
 
 
 class _Registry:
@@ -123,6 +134,32 @@ def stop_coordinator() -> StopCoordinator:
     return session.stop
 
 
+def on_teardown(fn: Callable[[], object], timeout_s: float | None = None) -> None:
+    """Run ``fn`` when the active runtime tears down, *before* its process groups go.
+
+    For resources bound to process groups (buffers over NCCL sub-groups): hooks run
+    last-registered-first on normal exit and on the failure path, each in a thread
+    bounded by ``timeout_s`` (default: the runtime's ``teardown_timeout_s``); one that
+    raises or hangs is logged and skipped. Registered hooks run once.
+
+    Raises:
+        DistRuntimeError: no runtime is active.
+
+    Example:
+        >>> with DistributedRuntime("gloo"):
+        ...     on_teardown(lambda: print("released"))
+        released
+    """
+    with _REGISTRY.lock:
+        session = _REGISTRY.session
+        if session is None or session.owner is None:
+            raise DistRuntimeError(
+                "on_teardown needs an active DistributedRuntime that owns its process group "
+                f"(registering {fn!r}). Fix: call it inside `with DistributedRuntime(...)`."
+            )
+        session.hooks.add(fn, session.owner.teardown_timeout_s if timeout_s is None else timeout_s)
+
+
 class DistributedRuntime:
     """Initialise the default process group on entry; tear it down on exit.
 
@@ -167,6 +204,13 @@ class DistributedRuntime:
             (default SIGTERM and SIGUSR1).
         requeue: after an agreed stop and a clean exit, rank 0 runs
             ``scontrol requeue $SLURM_JOB_ID`` (bounded) so SLURM runs the job again.
+        mesh: dim name -> size for a device mesh over the dims ``("pp", "dp_replicate",
+            "dp_shard", "cp", "tp")``, one size may be ``-1`` (inferred), e.g.
+            ``{"tp": 2, "dp_shard": -1}``. Validated before any group exists, agreed by
+            every rank at check-in, built after the default group (``info.mesh``,
+            ``info.submesh(name)``, ``info.dp_rank``); see ``docs/mesh.md``.
+        mesh_strict: a ``tp``/``cp`` group spanning nodes is a ``MeshConfigError``
+            instead of a warning.
 
     On an exception inside the block the runtime does not wait on peers: it records the
     failure for them, shuts its group down so peers blocked with it fail at once, and
@@ -188,6 +232,8 @@ class DistributedRuntime:
         graceful_stop: bool = False,
         stop_signals: tuple[int, ...] = DEFAULT_STOP_SIGNALS,
         requeue: bool = False,
+        mesh: Mapping[str, int] | None = None,
+        mesh_strict: bool = False,
     ) -> None:
         if timeout_minutes <= 0:
             raise ValueError(f"timeout_minutes must be positive, got {timeout_minutes!r}")
@@ -204,6 +250,8 @@ class DistributedRuntime:
         self.requeue = requeue
         self._env = env
         self._store = store
+        self.mesh = None if mesh is None else dict(mesh)
+        self.mesh_strict = mesh_strict
         # One entry per __enter__ still open: "owner", "nested" or "adopted".
         self._entries: list[Literal["owner", "nested", "adopted"]] = []
         # idle -> initialising -> active -> tearing down -> idle (entered again freely).
@@ -212,7 +260,7 @@ class DistributedRuntime:
     def __repr__(self) -> str:
         return (
             f"DistributedRuntime(backend={self.backend!r}, timeout_minutes={self.timeout_minutes!r}, "
-            f"state={self._state!r})"
+            f"{'' if self.mesh is None else f'mesh={self.mesh!r}, '}state={self._state!r})"
         )
 
     # ------------------------------------------------------------------ context manager
@@ -226,12 +274,14 @@ class DistributedRuntime:
             launch = discover(env)
             if session is not None:
                 _check_compatible(session.info, self.backend, launch)
+                self._check_mesh_compatible(session.info)
                 session.depth += 1
                 self._entries.append("nested")
                 return session.info
             if dist.is_available() and dist.is_initialized():
                 info = _info_from_live_group(launch)
                 _check_compatible(info, self.backend, launch)
+                self._check_mesh_compatible(info)
                 _REGISTRY.session = _Session(info=info, owner=None)
                 self._entries.append("adopted")
                 logger.info("adopted a process group created outside distruntime (%s)", info.backend)
@@ -309,13 +359,40 @@ class DistributedRuntime:
 
         return run_in_runtime
 
+    def on_teardown(self, fn: Callable[[], object], timeout_s: float | None = None) -> None:
+        """:func:`distruntime.on_teardown` for this runtime (which must be active)."""
+        if not self._entries:
+            raise DistRuntimeError(
+                f"on_teardown: {self!r} is not active (registering {fn!r}). Fix: call it "
+                "inside its `with` block."
+            )
+        on_teardown(fn, timeout_s)
+
     # ------------------------------------------------------------------ internals
+    def _check_mesh_compatible(self, info: DistInfo) -> None:
+        """A runtime sharing a live group must not ask for another mesh."""
+        if self.mesh is None:
+            return
+        if info.parallel is None:
+            raise GroupMismatchError(
+                f"mesh={self.mesh!r} was asked for, but the live process group has no mesh (it "
+                "was made by an outer runtime without mesh=, or outside distruntime). Fix: give "
+                "the outermost DistributedRuntime the mesh= argument."
+            )
+        wanted = plan_mesh(self.mesh, info.world_size).sizes
+        if wanted != info.parallel.plan.sizes:
+            raise GroupMismatchError(
+                f"mesh={self.mesh!r} contradicts the live mesh ({info.parallel.plan.shape}). "
+                "Fix: ask for the same mesh as the outer runtime, or leave it out."
+            )
+
     def _environment(self) -> Mapping[str, str]:
         return os.environ if self._env is None else self._env
 
     def _start(self, launch: LaunchEnv) -> _Session:
         started = time.monotonic()
         deadline = started + self.timeout_minutes * 60
+        plan = self._plan_mesh(launch)  # refused here, before any store or group
         choice = choose_backend(self.backend, launch.world_size)
         device = select_device(choice.device_type, launch.local_rank)
         if device.type != "cpu":
@@ -345,7 +422,7 @@ class DistributedRuntime:
         if launch.launcher != "none":
             session.env_patch = EnvPatch.export_missing(_torch_variables(launch))
         try:
-            self._create_group(session, launch, deadline)
+            self._create_group(session, launch, deadline, plan)
         except BaseException:
             shutdown_group(failed=True, timeout_s=self.teardown_timeout_s)
             session.signals.restore()
@@ -365,7 +442,21 @@ class DistributedRuntime:
             )
         return session
 
-    def _create_group(self, session: _Session, launch: LaunchEnv, deadline: float) -> None:
+    def _plan_mesh(self, launch: LaunchEnv) -> MeshPlan | None:
+        if self.mesh is None:
+            return None
+        plan = plan_mesh(
+            self.mesh, launch.world_size, ranks_per_node=ranks_per_node(launch), strict=self.mesh_strict
+        )
+        flatten_ways(plan)  # a torch that cannot build it is refused here too
+        if plan.spans and launch.rank == 0:
+            logger.warning("device mesh %s: %s (slow; mesh_strict=True makes this an error)",
+                           plan.shape, "; ".join(plan.spans))
+        return plan
+
+    def _create_group(
+        self, session: _Session, launch: LaunchEnv, deadline: float, plan: MeshPlan | None
+    ) -> None:
         info = session.info
         timeout = (
             None if self.collective_timeout_minutes is None
@@ -380,7 +471,9 @@ class DistributedRuntime:
             store: Store = HashStore()
         else:
             namespace = f"distruntime/{launch.run_id}/{_REGISTRY.generation}"
-            session.rendezvous = open_rendezvous(launch, deadline, namespace, self._store)
+            session.rendezvous = open_rendezvous(
+                launch, deadline, namespace, self._store, plan.shape if plan is not None else ""
+            )
             store = PrefixStore("pg", session.rendezvous.store)
         dist.init_process_group(
             info.backend, store=store, rank=info.rank, world_size=info.world_size,
@@ -395,6 +488,8 @@ class DistributedRuntime:
             stop_timeout_s = (self.collective_timeout_minutes or 30.0) * 60
             rdzv_store = session.rendezvous.store if session.rendezvous is not None else None
             session.stop = start_stop(info.rank, info.world_size, rdzv_store, session.signals, stop_timeout_s)
+        if plan is not None:
+            session.info = replace(info, parallel=build_mesh(plan, info.device.type, info.rank, timeout))
 
 
 def write_error_file(exc: Exception, path: str | None = None) -> None:
@@ -531,12 +626,16 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
             # Before the shutdown: peers learn who failed from this record when the
             # shutdown breaks their collectives.
             def report() -> None:
-                peer_error[0] = report_failure(rdzv, session.info.rank, exc)
+                where = mesh_dim_of_failure(session.info.parallel, exc)
+                peer_error[0] = report_failure(rdzv, session.info.rank, exc, where)
 
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         elif rdzv is not None:
             _agree_to_leave(rdzv, timeout_s)
+        session.hooks.run()  # user cleanup, while the groups its resources use still exist
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
+        if session.info.parallel is not None:  # frees the groups: a destructor must not hang us
+            run_bounded(lambda: release_mesh(session.info.parallel), timeout_s, "release of the mesh groups")
         if exc is not None and rdzv is not None and rdzv.hosts_store:
             run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
     finally:
