@@ -213,7 +213,7 @@ def test_hang_threshold_sources() -> None:
     assert hang_threshold(7.5, 1800.0, {}) == 7.5
     assert hang_threshold(None, 1800.0, {"DISTRUNTIME_HANG_TIMEOUT_S": "42"}) == 42.0
     assert hang_threshold(None, 600.0, {}) == 590.0
-    assert hang_threshold(None, 6.0, {}) == pytest.approx(5.4)
+    assert hang_threshold(None, 12.0, {}) == pytest.approx(9.0)  # 10 s or a quarter before the timeout
     assert math.isinf(hang_threshold(math.inf, 600.0, {}))
     with pytest.raises(LaunchEnvError, match=r"DISTRUNTIME_HANG_TIMEOUT_S='soon' is not a number"):
         hang_threshold(None, 600.0, {"DISTRUNTIME_HANG_TIMEOUT_S": "soon"})
@@ -268,7 +268,10 @@ def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     from distruntime import watchdog
 
     calls: list[str] = []
-    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"))
+    # raising=False: torch 2.4 has no _abort_process_group (docs/compat.md)
+    monkeypatch.setattr(dist.distributed_c10d, "_abort_process_group", lambda: calls.append("abort"),
+                        raising=False)
+
     def sockets(keep: frozenset[int], addresses: set[str]) -> int:
         calls.append("sockets")
         return 0

@@ -477,13 +477,14 @@ def _find_desyncs(records: Mapping[int, Mapping[str, Any]],
             variants.setdefault(shape, []).append(rank)
         ordered = sorted(variants.items(), key=lambda kv: (-len(kv[1]), min(kv[1])))
         parts = "; ".join(f"{_ranks_text(ranks)} in {shape}" for shape, ranks in ordered)
-        lines.append(f"collective {_seq(seq)} of group {names.get(group, group)}: {parts}")
+        name = names.get(group) or _group_label(group, "")
+        lines.append(f"collective {_seq(seq)} of group {name}: {parts}")
         majority = ordered[0][1] if len(ordered[0][1]) > len(ordered[-1][1]) else []
         for shape, ranks in ordered:
             if ranks is majority:
                 continue
             for rank in ranks:
-                minority[rank] = (f"in collective {_seq(seq)} {shape} (group {names.get(group, group)}) "
+                minority[rank] = (f"in collective {_seq(seq)} {shape} (group {name}) "
                                   f"while {_ranks_text(majority or [r for r in by_rank if r not in ranks])} "
                                   f"called {ordered[0][0] if majority else 'another op'}: desync")
     return lines, minority

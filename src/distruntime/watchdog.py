@@ -96,8 +96,8 @@ def hang_threshold(hang_timeout_s: float | None, collective_timeout_s: float,
     just under the group's collective timeout. ``inf`` (or ``off``) disables detection.
 
     Example:
-        >>> hang_threshold(5.0, 1800.0), hang_threshold(None, 1800.0, {})
-        (5.0, 1790.0)
+        >>> hang_threshold(5.0, 1800.0), hang_threshold(None, 1800.0, {}), hang_threshold(None, 12.0, {})
+        (5.0, 1790.0, 9.0)
         >>> hang_threshold(None, 600.0, {"DISTRUNTIME_HANG_TIMEOUT_S": "off"})
         inf
     """
@@ -115,7 +115,7 @@ def hang_threshold(hang_timeout_s: float | None, collective_timeout_s: float,
                     f"{ENV_VAR}={raw!r} is not a number of seconds. Fix: set it to e.g. 300, or "
                     "'off' to disable hang detection.", variable=ENV_VAR, value=raw) from None
     if hang_timeout_s is None:
-        lead = min(_DEFAULT_LEAD_S, collective_timeout_s * 0.1)
+        lead = min(_DEFAULT_LEAD_S, collective_timeout_s * 0.25)
         return max(collective_timeout_s - lead, 1.0)
     if not hang_timeout_s > 0:
         raise ValueError(f"hang_timeout_s must be positive (or inf to disable), got {hang_timeout_s!r}")

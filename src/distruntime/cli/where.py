@@ -95,8 +95,12 @@ def _connect(host: str, port: int, timeout_s: float) -> Any:
 
     def connect() -> None:
         try:
-            made.append(TCPStore(host, port, is_master=False, wait_for_workers=False,
-                                 timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.5))))
+            store = TCPStore(host, port, is_master=False, wait_for_workers=False,
+                             timeout=timedelta(seconds=max(deadline - time.monotonic(), 0.5)))
+            # torch < 2.5's client does not ping while connecting: the first request would
+            # block on a listener that is not a store. Make it here, inside the bound.
+            store.check(["distruntime/current"])
+            made.append(store)
         except Exception as error:  # reported below as "not a store"
             made.append(error)
 
