@@ -63,7 +63,10 @@ def _listed(ranks: list[int]) -> str:
 
 
 def _whoami() -> str:
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid()})
+    # The error file: a peer that must kill this rank (hung, holding the GIL) writes the
+    # verdict there first, so torchrun's summary shows it rather than "Signal 9".
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                       "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", "")})
 
 
 def _host_bytes(address: str) -> bytes | str:

@@ -506,7 +506,7 @@ class Watchdog:
         for row in report.ranks:
             if row.host != self._host or row.kind not in ("unresponsive", "stopped") or not row.pid:
                 continue
-            error_file = str(beats.get(row.rank, {}).get("error_file", ""))
+            error_file = str(beats.get(row.rank, {}).get("error_file") or self._error_file_of(row.rank))
             if error_file:
                 _write_error_file(error_file, HangError(report))
             logger.error("killing rank %d (pid %d): %s", row.rank, row.pid, row.detail)
@@ -514,6 +514,10 @@ class Watchdog:
                 os.kill(row.pid, signal.SIGKILL)
             except OSError as error:
                 logger.warning("could not kill rank %d (pid %d): %s", row.rank, row.pid, error)
+
+    def _error_file_of(self, rank: int) -> str:
+        key = f"who/{rank}"
+        return str(json.loads(self.store.get(key)).get("error_file", "")) if self.store.check([key]) else ""
 
     def _job_addresses(self) -> set[str]:
         addresses = {"127.0.0.1", "::1"}
