@@ -34,4 +34,8 @@ cd "$ROOT"
 "$VENV/bin/python" -c "import platform, pytest, torch; print(f'test_matrix: torch {torch.__version__}, Python {platform.python_version()}, pytest {pytest.__version__}')"
 # The venv's console scripts (torchrun) first on PATH, as scripts/bootstrap.sh does for .venv.
 export PATH="$VENV/bin:$PATH"
-exec timeout --kill-after=30 2700 "$VENV/bin/python" -m pytest -m "not launchers" "$@"
+# The fault matrix (tests/test_faults.py: real processes under torchrun, mp.spawn and Open MPI,
+# each with a time bound of seconds) stays on the pinned torch with the launcher tests: it
+# tests process and launcher behaviour, and the CUDA builds' slower start and exit only add
+# flakiness to its bounds (docs/compat.md). Everything else runs here.
+exec timeout --kill-after=30 2700 "$VENV/bin/python" -m pytest -m "not launchers" --ignore=tests/test_faults.py "$@"

@@ -201,6 +201,8 @@ class Watchdog:
         self._raised = False
         self._group_names: dict[str, str] = {}
         self._described: dict[tuple[str, int], dict[str, Any]] = {}
+        self._kill_lock = threading.Lock()
+        self._kill_done = False
 
     def __repr__(self) -> str:
         state = "hang decided" if self.report else ("running" if self._thread.is_alive() else "stopped")
@@ -262,6 +264,10 @@ class Watchdog:
             if report is not None:
                 if report.is_hang:
                     self.report = report
+                    # This rank's main thread may take the verdict before its watchdog
+                    # thread acts on it (and stop() ends that thread): the duty to end
+                    # the local ranks that cannot answer must not be lost with it.
+                    self._kill_local_silent(report)
                 break
             time.sleep(0.05)
         return self.report
@@ -484,21 +490,24 @@ class Watchdog:
     # ------------------------------------------------------------------ ending the job
     def _act(self, report: HangReport, record: dict[str, Any]) -> None:
         self.report = report
-        silent = ("exited", "stopped", "unresponsive")
-        responsive = sorted(r.rank for r in report.ranks if r.kind not in silent)
-        if responsive and responsive[0] == self.config.rank:
+        if _responsive(report)[:1] == [self.config.rank]:
             logger.error("distributed job hangs:\n%s", report.format())
         else:
             logger.error("distributed job hangs: %s", report.summary)
-        self._kill_local_silent(report, responsive)
+        self._kill_local_silent(report)
         waiting = any(not e.get("completed") for e in record.get("entries") or [])
         if self._handler_installed and not waiting:
             signal.pthread_kill(self._main, INTERRUPT_SIGNAL)
         else:
             abort_blocked_collectives(self.config.backend, self.config.keep_ports, self._job_addresses())
 
-    def _kill_local_silent(self, report: HangReport, responsive: list[int]) -> None:
-        """SIGKILL the ranks on this host that cannot answer; the lowest live local rank does it."""
+    def _kill_local_silent(self, report: HangReport) -> None:
+        """SIGKILL the ranks on this host that cannot answer; the lowest live local rank does it, once."""
+        with self._kill_lock:
+            if self._kill_done:
+                return
+            self._kill_done = True
+        responsive = _responsive(report)
         local_live = [r.rank for r in report.ranks if r.host == self._host and r.rank in responsive]
         if not local_live or local_live[0] != self.config.rank:
             return
@@ -553,6 +562,11 @@ class Watchdog:
 
 
 # ---------------------------------------------------------------------- shared pieces
+def _responsive(report: HangReport) -> list[int]:
+    """The ranks that answered the incident, in rank order."""
+    return sorted(r.rank for r in report.ranks if r.kind not in ("exited", "stopped", "unresponsive"))
+
+
 def local_view(pid: int, main_ident: int | None) -> dict[str, Any]:
     """What this host can see of a local process that does not answer."""
     view: dict[str, Any] = {"proc": process_state(pid)}
