@@ -20,7 +20,14 @@ import time
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+
+try:
+    from torch.distributed.fsdp import fully_shard  # FSDP2, public from torch 2.6
+except ImportError:
+    raise SystemExit(
+        f"train_fsdp_tp.py needs FSDP2 (torch.distributed.fsdp.fully_shard, torch >= 2.6); this is "
+        f"torch {torch.__version__}. examples/train_ddp.py runs on any supported torch."
+    ) from None
 from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from train_ddp import make_shard  # the same synthetic regression set, sliced per replica
 
