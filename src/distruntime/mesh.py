@@ -383,7 +383,9 @@ def build_mesh(plan: MeshPlan, device_type: str, rank: int, timeout: timedelta |
         submeshes[name] = root[FLATTENED[name]]._flatten(name) if way == "flatten" else submeshes[target]
     group_dims: dict[str, str] = {}
     default = dist.distributed_c10d._get_default_group()
-    set_timeout = getattr(dist.distributed_c10d, "_set_pg_timeout", None)
+    # torch 2.15 made it public as set_timeout (and deprecated the private name).
+    c10d = dist.distributed_c10d
+    set_timeout = getattr(dist, "set_timeout", None) or getattr(c10d, "_set_pg_timeout", None)
     if timeout is not None and set_timeout is None:
         logger.warning("torch %s cannot set a group's timeout: mesh groups keep torch's default",
                        torch.__version__)
