@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -252,8 +253,7 @@ def _check_in(rdzv: Rendezvous, deadline: float, mesh: str) -> None:
             f"same {launch.source('rank')}. Fix: give every process its own rank in "
             f"0..{launch.world_size - 1} (check the launcher command or the script that sets it)."
         )
-        _abort(store, "join", f"duplicate_rank:{message}")
-        raise RendezvousError(message, reason="duplicate_rank")
+        _refuse_join(store, "duplicate_rank", message)
     claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}|{mesh}"
     first = store.compare_set("world_size", "", claim).decode()
     size, other_rank, variable, other_mesh = first.split("|", 3)
@@ -263,17 +263,25 @@ def _check_in(rdzv: Rendezvous, deadline: float, mesh: str) -> None:
             f"{rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
             "rank with the same world size."
         )
-        _abort(store, "join", f"world_size_mismatch:{message}")
-        raise RendezvousError(message, reason="world_size_mismatch")
+        _refuse_join(store, "world_size_mismatch", message)
     if other_mesh != mesh:
         message = (
             f"ranks asked for different device meshes: rank {other_rank} has mesh "
             f"{other_mesh or 'none'}, rank {rank} has mesh {mesh or 'none'}. Fix: pass the same "
             "mesh= to DistributedRuntime on every rank."
         )
-        _abort(store, "join", f"mesh_mismatch:{message}")
-        raise MeshMismatchError(message, reason="mesh_mismatch")
+        _refuse_join(store, "mesh_mismatch", message)
     barrier(rdzv, "join", deadline)
+
+
+def _join_error(reason: str, message: str) -> RendezvousError:
+    return (MeshMismatchError if reason == "mesh_mismatch" else RendezvousError)(message, reason=reason)
+
+
+def _refuse_join(store: Store, reason: str, message: str) -> NoReturn:
+    """Wake every rank waiting to check in with this error (not a timeout), and raise it here."""
+    _abort(store, "join", f"{reason}:{message}")
+    raise _join_error(reason, message)
 
 
 def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
@@ -292,7 +300,7 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
             raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
         reason, _, message = verdict.removeprefix("abort:").partition(":")
-        raise (MeshMismatchError if reason == "mesh_mismatch" else RendezvousError)(message, reason=reason)
+        raise _join_error(reason, message)
 
 
 def arrive(rdzv: Rendezvous, phase: str) -> str | None:

@@ -358,8 +358,9 @@ class Watchdog:
             if gid in detail:
                 continue
             entry: dict[str, Any] = {"seq": seq, "since": since}
-            if _flight_dump is None and _collective_in(own_stack()):  # the frame's op: cheap
-                entry["op"] = _collective_in(own_stack())
+            op = _collective_in(own_stack()) if _flight_dump is None else ""
+            if op:  # no Flight Recorder: the op of the main thread's frame, cheap
+                entry["op"] = op
             elif now - since > max(self.config.threshold_s / 4, 2 * self.config.tick_s):
                 if (gid, seq) not in self._described:
                     unfinished = [e for e in _entries() if not e["completed"]]
