@@ -267,10 +267,15 @@ HANG_SUITE = textwrap.dedent("""
     def test_after_hangs(dist_info):
         dist.barrier()
 
+    def crash_deep(depth):  # a crash dump longer than a few kB: its header must still show
+        if depth == 0:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        crash_deep(depth - 1)
+
     @pytest.mark.distributed(world_size=2)
     def test_rank1_segfaults(dist_info):
         if dist_info.rank == 1:
-            os.kill(os.getpid(), signal.SIGSEGV)
+            crash_deep(80)
         dist.barrier()
 
     @pytest.mark.distributed(world_size=2)

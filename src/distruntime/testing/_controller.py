@@ -59,7 +59,9 @@ _STOP_WAIT_S = 10.0
 _STARTUP_TIMEOUT_S = 180.0
 # A pool that fails to start this many times in a row is not tried again.
 _MAX_START_FAILURES = 2
-_LOG_TAIL_BYTES = 6000
+# Enough for a whole faulthandler crash dump (up to 100 frames per thread, each line with
+# its full path: 6 kB of one pytest stack cut the dump's header off on a long checkout path).
+_LOG_TAIL_BYTES = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class _Zygote:
     def await_ready(self, timeout_s: float) -> None:
         message = self._next(time.monotonic() + timeout_s)
         if message is None or message[0] != "ready":
-            tail = _tail(self.log_path)
+            tail = _tail_lines(self.log_path)
             raise PoolStartError(f"the zygote process (which imports torch once for all ranks) did not start "
                                  f"within {timeout_s:.0f}s or exited. Its log:\n{tail}")
         self.ready = True
@@ -144,7 +146,8 @@ class _Zygote:
         send_handle(self.conn, rank_conn.fileno(), self.proc.pid)
         message = self._next(time.monotonic() + 30.0)
         if message is None or message[0] != "forked":
-            raise PoolStartError(f"the zygote process did not fork a rank. Its log:\n{_tail(self.log_path)}")
+            tail = _tail_lines(self.log_path)
+            raise PoolStartError(f"the zygote process did not fork a rank. Its log:\n{tail}")
         return int(message[1])
 
     def poll_exits(self) -> None:
@@ -185,6 +188,11 @@ def _tail(path: Path) -> str:
             return f.read().decode(errors="replace")
     except OSError:
         return ""
+
+
+def _tail_lines(path: Path, lines: int = 80) -> str:
+    """The end of a log, for an error message about a process that did not start."""
+    return "\n".join(_tail(path).splitlines()[-lines:])
 
 
 @dataclass
@@ -484,7 +492,8 @@ class Controller:
 
     def _start_problem(self, pool: _Pool, workers: list[_Worker], what: str) -> str:
         ranks = ", ".join(str(w.rank) for w in workers)
-        tails = "\n".join(f"--- rank {w.rank} log ({w.log_path}) ---\n{w.log_tail()}" for w in workers)
+        tails = "\n".join(f"--- rank {w.rank} log ({w.log_path}) ---\n{_tail_lines(w.log_path)}"
+                          for w in workers)
         return f"rank process(es) {ranks} of a {pool.world_size}-rank pool {what}.\n{tails}"
 
     # ------------------------------------------------------------------ one test
