@@ -119,7 +119,8 @@ def open_rendezvous(
 def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
     assert launch.master_addr is not None and launch.master_port is not None  # validated by discover
     host, port = launch.master_addr, launch.master_port
-    _check_resolvable(launch, host, port)
+    if not launch.agent_store:  # else checked only if the connection fails (the agent resolved it)
+        _check_resolvable(launch, host, port)
     is_host = launch.rank == 0 and not launch.agent_store
     waited = _seconds_left(deadline)
     # torchrun's agent listened before it started this worker: no need to wait for it.
@@ -163,6 +164,8 @@ def _connect(launch: LaunchEnv, deadline: float) -> tuple[Store, bool]:
             "another program (rank 0 then reports it in use). Fix: choose another MASTER_PORT.",
             reason="not_a_store",
         )
+    if launch.agent_store:
+        _check_resolvable(launch, host, port)
     try:
         raise failed[0]
     except RuntimeError as exc:  # DistNetworkError; a bare RuntimeError before torch 2.5

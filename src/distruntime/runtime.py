@@ -596,6 +596,8 @@ def _hang_error(session: _Session, exc: BaseException | None) -> HangError | Non
     # a verdict that is already in.
     report = session.watchdog.verdict_after_failure(6.0 if is_peer_symptom(exc) else 0.0)
     return HangError(report) if report is not None else None
+
+
 def _leave_stop(session: _Session, exc: BaseException | None) -> DistRuntimeError | None:
     """Close the coordinated stop before the group: the error to raise after teardown."""
     if session.stop is None:

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ import torch.distributed as dist
 
 from distruntime.errors import SignalExit
 
-__all__ = ["EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
+__all__ = ["DaemonThread", "EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
 
 logger = logging.getLogger("distruntime")
 
@@ -70,8 +71,7 @@ class SignalScope:
             logger.debug("not on the main thread: SIGTERM keeps its current handler")
             return
         for signum in self.signals:
-            self._previous[signum] = signal.getsignal(signum)
-            signal.signal(signum, self._handle)
+            self._previous[signum] = signal.signal(signum, self._handle)  # returns the one it replaced
         self.active = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -132,6 +132,51 @@ class EnvPatch:
         self.added.clear()
 
 
+class DaemonThread:
+    """A daemon thread that runs ``fn`` once: ``join(timeout)`` and ``is_alive()``, nothing more.
+
+    Started with the low-level ``_thread`` module: a ``threading.Thread`` costs 3-4 times
+    the CPU to start (its Events and bookkeeping; 0.3-0.6 ms for a process's first), and
+    the runtime starts two per process, which many ranks sharing few cores pay together
+    (benchmarks/bench_startup.py). An exception escaping ``fn`` is logged, never raised.
+
+    Example:
+        >>> done = []
+        >>> worker = DaemonThread(lambda: done.append(1), "example")
+        >>> worker.join(5.0), done, worker.is_alive()
+        (True, [1], False)
+    """
+
+    def __init__(self, fn: Callable[[], object], name: str) -> None:
+        self.name = name
+        self._running = _thread.allocate_lock()
+        self._running.acquire()  # held until fn returns
+        self.ident: int = _thread.start_new_thread(self._body, (fn,))
+
+    def __repr__(self) -> str:
+        return f"DaemonThread({self.name!r}, {'running' if self.is_alive() else 'done'})"
+
+    def _body(self, fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except BaseException:
+            logger.debug("thread %s failed", self.name, exc_info=True)
+        finally:
+            self._running.release()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for ``fn`` to return; True when it has."""
+        if self.ident == _thread.get_ident():
+            return False  # the thread itself: it cannot wait for its own end
+        if not self._running.acquire(timeout=max(timeout_s, 0.0)):
+            return False
+        self._running.release()
+        return True
+
+    def is_alive(self) -> bool:
+        return self._running.locked()
+
+
 def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
     """Run ``fn`` in a daemon thread; give up after ``timeout_s`` with a warning.
 
@@ -146,10 +191,7 @@ def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
         except BaseException as exc:  # teardown reports, never raises
             errors.append(exc)
 
-    worker = threading.Thread(target=target, name=f"distruntime-{what}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    if not DaemonThread(target, f"distruntime-{what}").join(timeout_s):
         logger.warning("%s did not finish within %.1fs; abandoned so the process can exit", what, timeout_s)
         return False
     if errors:
