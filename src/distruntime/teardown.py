@@ -21,6 +21,7 @@ import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -138,7 +139,10 @@ class DaemonThread:
     Started with the low-level ``_thread`` module: a ``threading.Thread`` costs 3-4 times
     the CPU to start (its Events and bookkeeping; 0.3-0.6 ms for a process's first), and
     the runtime starts two per process, which many ranks sharing few cores pay together
-    (benchmarks/bench_startup.py). An exception escaping ``fn`` is logged, never raised.
+    (benchmarks/bench_startup.py). Like ``threading.Thread`` it takes on the trace and
+    profile functions set with ``threading.settrace``/``setprofile`` (coverage, profilers
+    see the code it runs, e.g. teardown hooks). An exception escaping ``fn`` is logged,
+    never raised.
 
     Example:
         >>> done = []
@@ -151,12 +155,17 @@ class DaemonThread:
         self.name = name
         self._running = _thread.allocate_lock()
         self._running.acquire()  # held until fn returns
-        self.ident: int = _thread.start_new_thread(self._body, (fn,))
+        hooks = (threading.gettrace(), threading.getprofile())
+        self.ident: int = _thread.start_new_thread(self._body, (fn, *hooks))
 
     def __repr__(self) -> str:
         return f"DaemonThread({self.name!r}, {'running' if self.is_alive() else 'done'})"
 
-    def _body(self, fn: Callable[[], object]) -> None:
+    def _body(self, fn: Callable[[], object], trace: Any, profile: Any) -> None:
+        if trace is not None:
+            sys.settrace(trace)
+        if profile is not None:
+            sys.setprofile(profile)
         try:
             fn()
         except BaseException:
