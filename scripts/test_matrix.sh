@@ -17,7 +17,8 @@ DIR=${DISTRUNTIME_MATRIX_DIR:-$HOME/.cache/distruntime-matrix}
 VENV="$DIR/torch-$VERSION"
 PY="${PYTHON:-python3}"
 stamp="$VENV/.distruntime-stamp"
-want="$VERSION $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+# The checkout path too: the venv holds an editable install of this checkout.
+want="$VERSION $(sha256sum "$ROOT/pyproject.toml" | cut -c1-16) $ROOT"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "test_matrix: installing torch==$VERSION into $VENV" >&2
     start=$(date +%s)
