@@ -116,6 +116,11 @@ def _run_requeue_job(cluster: SlurmCluster, ckpt: Path) -> None:
         # Lift SLURM's hold on the requeued job (BeginTime = now + cred_expire) once it is
         # pending again; an update made while the first run is still ending is overwritten.
         wait_until("the job pending again", lambda: job_state() == "PENDING")
+        # slurmd refuses a launch whose credential is not newer than the job's revocation at
+        # requeue (one-second resolution): a start forced within that second fails the job
+        # outright (FAILED, ExitCode 1:0, RunTime 0); the revocation reaches slurmd a little
+        # after the controller shows the job pending. Leave a margin of seconds.
+        time.sleep(5.0)
 
         def started() -> bool:
             if job_state() != "PENDING":
