@@ -21,11 +21,13 @@ import logging
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from distruntime.errors import SignalExit
@@ -33,6 +35,15 @@ from distruntime.errors import SignalExit
 __all__ = ["EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
 
 logger = logging.getLogger("distruntime")
+
+# Before torch 2.8 (pytorch#154976) a process group's destructor keeps the GIL while it
+# joins its worker threads, and a gloo worker dropping the last reference to a finished
+# collective's tensor needs the GIL to free its Python object: a destroy that comes right
+# after a collective deadlocks, beyond any timeout (seen in this project's torch 2.4 CI,
+# gdb: worker in ~AsyncAllreduceWork -> take_gil, destroy in ~ProcessGroupGloo).
+_DESTRUCTOR_HOLDS_GIL = torch.__version__ < "2.8"
+# How long the GIL and the CPU are left to such workers before a destroy on those versions.
+_WORKER_DRAIN_S = 0.05
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -160,6 +171,8 @@ def shutdown_group(failed: bool, timeout_s: float) -> None:
     """Destroy (success) or abort (failure, NCCL) the default group, bounded in time."""
     if not dist.is_initialized():
         return
+    if _DESTRUCTOR_HOLDS_GIL:
+        time.sleep(_WORKER_DRAIN_S)  # see _DESTRUCTOR_HOLDS_GIL
     backend = str(dist.get_backend())
     abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
     if failed and "nccl" in backend and abort is not None:
