@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -32,7 +34,7 @@ import torch.distributed as dist
 
 from distruntime.errors import SignalExit
 
-__all__ = ["EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
+__all__ = ["DaemonThread", "EnvPatch", "SignalScope", "run_bounded", "shutdown_group"]
 
 logger = logging.getLogger("distruntime")
 
@@ -142,6 +144,59 @@ class EnvPatch:
         self.added.clear()
 
 
+class DaemonThread:
+    """A daemon thread that runs ``fn`` once: ``join(timeout)`` and ``is_alive()``, nothing more.
+
+    Started with the low-level ``_thread`` module: a ``threading.Thread`` costs 3-4 times
+    the CPU to start (its Events and bookkeeping; 0.3-0.6 ms for a process's first), which
+    many ranks sharing few cores pay together (benchmarks/bench_startup.py). The watchdog
+    runs in one. Like ``threading.Thread`` it takes on the trace and
+    profile functions set with ``threading.settrace``/``setprofile`` (coverage, profilers
+    see the code it runs, e.g. teardown hooks). An exception escaping ``fn`` is logged,
+    never raised.
+
+    Example:
+        >>> done = []
+        >>> worker = DaemonThread(lambda: done.append(1), "example")
+        >>> worker.join(5.0), done, worker.is_alive()
+        (True, [1], False)
+    """
+
+    def __init__(self, fn: Callable[[], object], name: str) -> None:
+        self.name = name
+        self._running = _thread.allocate_lock()
+        self._running.acquire()  # held until fn returns
+        hooks = (threading.gettrace(), threading.getprofile())
+        self.ident: int = _thread.start_new_thread(self._body, (fn, *hooks))
+
+    def __repr__(self) -> str:
+        return f"DaemonThread({self.name!r}, {'running' if self.is_alive() else 'done'})"
+
+    def _body(self, fn: Callable[[], object], trace: Any, profile: Any) -> None:
+        if trace is not None:
+            sys.settrace(trace)
+        if profile is not None:
+            sys.setprofile(profile)
+        try:
+            fn()
+        except BaseException:
+            logger.debug("thread %s failed", self.name, exc_info=True)
+        finally:
+            self._running.release()
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` for ``fn`` to return; True when it has."""
+        if self.ident == _thread.get_ident():
+            return False  # the thread itself: it cannot wait for its own end
+        if not self._running.acquire(timeout=max(timeout_s, 0.0)):
+            return False
+        self._running.release()
+        return True
+
+    def is_alive(self) -> bool:
+        return self._running.locked()
+
+
 def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
     """Run ``fn`` in a daemon thread; give up after ``timeout_s`` with a warning.
 
@@ -156,6 +211,10 @@ def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
         except BaseException as exc:  # teardown reports, never raises
             errors.append(exc)
 
+    # A threading.Thread here, not a DaemonThread: with one, a torch 2.4 destroy (its group
+    # destructors keep the GIL) deadlocked once in CI against a thread waiting for the GIL,
+    # beyond any timeout. The slower start of a Thread, during which such threads get the
+    # GIL, is the likely difference; this path stays as it was validated.
     worker = threading.Thread(target=target, name=f"distruntime-{what}", daemon=True)
     worker.start()
     worker.join(timeout_s)

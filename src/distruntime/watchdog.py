@@ -61,6 +61,7 @@ from distruntime.hangs import (
     process_state,
 )
 from distruntime.rendezvous import Rendezvous
+from distruntime.teardown import DaemonThread
 
 __all__ = [
     "Watchdog", "WatchdogConfig", "collect_report", "flight_recorder_available", "hang_threshold",
@@ -188,7 +189,7 @@ class Watchdog:
         self.cpu_s = 0.0
         self._stop = threading.Event()
         self._closing = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="distruntime-watchdog", daemon=True)
+        self._thread: DaemonThread | None = None  # started by start()
         self._host = socket.gethostname()
         self._pid = os.getpid()
         self._main = threading.main_thread().ident or 0
@@ -205,7 +206,8 @@ class Watchdog:
         self._kill_done = False
 
     def __repr__(self) -> str:
-        state = "hang decided" if self.report else ("running" if self._thread.is_alive() else "stopped")
+        running = self._thread is not None and self._thread.is_alive()
+        state = "hang decided" if self.report else ("running" if running else "stopped")
         return (f"Watchdog(rank={self.config.rank}, threshold_s={self.config.threshold_s:g}, "
                 f"tick_s={self.config.tick_s:g}, {state})")
 
@@ -219,14 +221,14 @@ class Watchdog:
         # Armed now, not at the first tick: a main thread that takes the GIL for good right
         # after start-up must still leave its stack behind.
         self._rearm_stack_dump()
-        self._thread.start()
+        self._thread = DaemonThread(self._run, "distruntime-watchdog")
 
     def stop(self) -> None:
         """Stop the thread (bounded), mark this rank as gone from the job, restore SIGURG."""
         self._closing.set()
         self._stop.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(2.0)
+        if self._thread is not None:
+            self._thread.join(2.0)  # returns at once when called from the thread itself
         with contextlib.suppress(RuntimeError):
             faulthandler.cancel_dump_traceback_later()
         if self.report is None:
