@@ -242,4 +242,8 @@ def shutdown_group(failed: bool, timeout_s: float) -> None:
             return
     # gloo's destroy is local: it closes this rank's sockets, which makes peers blocked
     # in a collective with it fail at once rather than at the collective timeout.
+    if dist.get_world_size() == 1 and "nccl" not in backend:
+        # No peer to wait on: a helper thread would only add its start and hand-off.
+        dist.destroy_process_group()
+        return
     run_bounded(dist.destroy_process_group, timeout_s, "destroy_process_group")
