@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distruntime.watchdog import flight_recorder_available
+from distruntime.control.progress import flight_recorder_available
 from procs import PYTHON, TORCHRUN, WORKERS, clean_env, free_port, kill_tree, rank_envs
 
 FAULT = str(WORKERS / "fault.py")

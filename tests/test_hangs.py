@@ -17,7 +17,7 @@ import time
 import pytest
 
 from distruntime.errors import HangError, LaunchEnvError
-from distruntime.hangs import (
+from distruntime.control.verdict import (
     HangReport,
     build_report,
     flight_progress,
@@ -26,7 +26,7 @@ from distruntime.hangs import (
     parse_faulthandler,
     process_state,
 )
-from distruntime.watchdog import hang_threshold
+from distruntime.control.agent import hang_threshold
 
 NOW = 1000.0
 
@@ -223,7 +223,7 @@ def test_hang_threshold_sources() -> None:
 
 _ABORT_SCRIPT = """
 import socket
-from distruntime.watchdog import _shutdown_connections
+from distruntime.control.unblock import _shutdown_connections
 
 def pair(listener):
     client = socket.create_connection(listener.getsockname()[:2])
@@ -265,7 +265,7 @@ def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     communicator); no socket is touched for a pure NCCL group."""
     import torch.distributed as dist
 
-    from distruntime import watchdog
+    from distruntime.control import unblock
 
     calls: list[str] = []
     # raising=False: torch 2.4 has no _abort_process_group (docs/compat.md)
@@ -276,25 +276,28 @@ def test_nccl_abort_goes_through_torch(monkeypatch: pytest.MonkeyPatch) -> None:
         calls.append("sockets")
         return 0
 
-    monkeypatch.setattr(watchdog, "_shutdown_connections", sockets)
-    watchdog.abort_blocked_collectives("nccl", frozenset(), set())
+    monkeypatch.setattr(unblock, "_shutdown_connections", sockets)
+    unblock.abort_blocked_collectives("nccl", frozenset(), set())
     assert calls == ["abort"]
     calls.clear()
-    watchdog.abort_blocked_collectives("cpu:gloo,cuda:nccl", frozenset(), set())
+    unblock.abort_blocked_collectives("cpu:gloo,cuda:nccl", frozenset(), set())
     assert calls == ["abort", "sockets"]
 
 
 _GIL_SCRIPT = """
 import ctypes, threading, time
 from torch._C._distributed_c10d import HashStore
-from distruntime.watchdog import Watchdog, WatchdogConfig
+from distruntime.control.agent import AgentConfig, RankAgent
+from distruntime.control.channel import HostChannel
 
 def hold_the_gil():
     print("GIL", time.time(), threading.main_thread().ident, flush=True)
     ctypes.PyDLL(None).sleep(30)  # PyDLL: the GIL stays held for the whole call
 
-watchdog = Watchdog(HashStore(), WatchdogConfig(0, 2, 5.0, "gloo", frozenset()))
-watchdog.start()
+channel = HostChannel.open("gil-test-%d" % time.time_ns(), "here")
+agent = RankAgent(HashStore(), AgentConfig(0, 2, 5.0, "gloo", frozenset()), channel)
+agent.start()
+print("FILE", agent._stack_path, flush=True)
 hold_the_gil()
 """
 
@@ -302,22 +305,24 @@ hold_the_gil()
 def test_stack_of_a_rank_holding_the_gil_lands_on_disk() -> None:
     """The watchdog's dead man's switch: with the GIL held in C, no Python thread can run,
     yet faulthandler's C thread writes the main thread's stack within 2 ticks + 0.5 s."""
-    from distruntime.watchdog import local_view
+    from distruntime.control.incident import local_view
 
     proc = subprocess.Popen([sys.executable, "-c", _GIL_SCRIPT], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout is not None
+        line = proc.stdout.readline().split()
+        stack_file = line[1] if line and line[0] == "FILE" else ""
         line = proc.stdout.readline().split()
         assert line and line[0] == "GIL", line
         took, main = float(line[1]), int(line[2])
         deadline = time.monotonic() + 20
         view: dict[str, object] = {}
         while time.monotonic() < deadline and not view.get("stack"):
-            view = local_view(proc.pid, main)
+            view = local_view(proc.pid, main, stack_file)
             time.sleep(0.05)
         landed = time.time() - took
         assert view.get("stack"), view
-        assert view["stack"][-1] == "<string>:8 in hold_the_gil", view  # type: ignore[index]
+        assert view["stack"][-1] == "<string>:9 in hold_the_gil", view  # type: ignore[index]
         assert view["proc"] in ("S", "R")  # alive, not stopped: "holding the GIL" in the verdict
         assert landed < 5.0, f"stack on disk {landed:.1f} s after the GIL was taken (armed for 1.5 s)"
     finally:

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from distruntime.watchdog import flight_recorder_available
+from distruntime.control.progress import flight_recorder_available
 from procs import PYTHON, WORKERS, clean_env, free_port, kill_tree, rank_envs
 
 pytestmark = pytest.mark.processes

@@ -54,10 +54,10 @@ def _loops(sync: Store, key: str, world: int, small: int, large: int) -> tuple[f
 
 def _watchdog() -> Any:
     """The live runtime's watchdog (private: a benchmark reads its tick count and CPU time)."""
-    from distruntime.runtime import _REGISTRY
+    from distruntime.registry import REGISTRY
 
-    session = _REGISTRY.session
-    return session.watchdog if session is not None else None
+    session = REGISTRY.session
+    return session.agent if session is not None else None
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from distruntime.errors import (
 from distruntime.launchers import LaunchEnv, discover
 
 if TYPE_CHECKING:
+    from distruntime.control.stop import StopReason, request_stop, should_stop, stop_reason
     from distruntime.info import DistInfo
     from distruntime.init_utils import (
         destroy_global_state,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
         initialize_distributed,
     )
     from distruntime.runtime import DistributedRuntime, current, is_active, on_teardown
-    from distruntime.stop import StopReason, request_stop, should_stop, stop_reason
 
 # Names that need torch are imported on first use, so that merely installing the
 # package (whose pytest plugin pytest loads in every session) costs no torch import.
@@ -50,12 +50,12 @@ _LAZY = {
     "get_world_size_safe": "distruntime.init_utils",
     "initialize_distributed": "distruntime.init_utils",
     "DistributedRuntime": "distruntime.runtime",
-    "current": "distruntime.runtime",
-    "is_active": "distruntime.runtime",
-    "StopReason": "distruntime.stop",
-    "request_stop": "distruntime.stop",
-    "should_stop": "distruntime.stop",
-    "stop_reason": "distruntime.stop",
+    "current": "distruntime.registry",
+    "is_active": "distruntime.registry",
+    "StopReason": "distruntime.control.stop",
+    "request_stop": "distruntime.control.stop",
+    "should_stop": "distruntime.control.stop",
+    "stop_reason": "distruntime.control.stop",
     "on_teardown": "distruntime.runtime",
 }
 

@@ -104,7 +104,7 @@ class HangError(DistRuntimeError):
     each group's progress and the first collective at which ranks disagree (desync).
 
     Attributes:
-        report: the :class:`distruntime.hangs.HangReport` behind the message.
+        report: the :class:`distruntime.control.verdict.HangReport` behind the message.
     """
 
     def __init__(self, report: object) -> None:

@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -26,10 +27,11 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
+from distruntime.control.protocol import as_int, as_str, parse_record, read, read_many
 from distruntime.errors import MeshMismatchError, RendezvousError
 from distruntime.launchers import LaunchEnv
 
-__all__ = ["Rendezvous", "arrive", "await_all", "barrier", "open_rendezvous"]
+__all__ = ["Rendezvous", "arrive", "await_all", "barrier", "leave", "open_rendezvous"]
 
 logger = logging.getLogger("distruntime")
 
@@ -52,6 +54,7 @@ class Rendezvous:
     launch: LaunchEnv
     started: float
     namespace: str = ""  # the key prefix of this rendezvous (``distruntime where`` finds it)
+    rank0_hosts: bool = False  # rank 0 hosts the store: it must outlive every peer's use of it
 
 
 def _seconds_left(deadline: float) -> float:
@@ -63,11 +66,11 @@ def _listed(ranks: list[int]) -> str:
     return shown + (f", ... ({len(ranks)} in all)" if len(ranks) > _MAX_LISTED else "")
 
 
-def _whoami() -> str:
-    # The error file: a peer that must kill this rank (hung, holding the GIL) writes the
-    # verdict there first, so torchrun's summary shows it rather than "Signal 9".
-    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                       "error_file": os.environ.get("TORCHELASTIC_ERROR_FILE", "")})
+def _whoami(launch: LaunchEnv, mesh: str) -> str:
+    # The claim every rank must agree on travels in the check-in record: the last rank to
+    # arrive compares them all (one multi_get) instead of every rank asking the store.
+    return json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "world_size": launch.world_size,
+                       "ws_source": launch.source("world_size"), "mesh": mesh})
 
 
 def _host_bytes(address: str) -> bytes | str:
@@ -111,7 +114,9 @@ def open_rendezvous(
         store, hosts_store = _connect(launch, deadline)
     else:
         address = "the store given to DistributedRuntime"
-    rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started, namespace)
+    rank0_hosts = address != "the store given to DistributedRuntime" and not launch.agent_store
+    rdzv = Rendezvous(PrefixStore(namespace, store), hosts_store, address, launch, started, namespace,
+                      rank0_hosts)
     _check_in(rdzv, deadline, mesh)
     return rdzv
 
@@ -245,36 +250,59 @@ def _abort(store: Store, phase: str, message: str) -> None:
 
 
 def _check_in(rdzv: Rendezvous, deadline: float, mesh: str) -> None:
+    """Claim the rank and check in: four store requests per rank.
+
+    ``compare_set who/<r>`` (the claim, with host, pid, world size and mesh), ``add
+    join/count``, then ``wait join/go`` and one read of it; the last rank to arrive instead
+    compares every check-in record (``multi_get``) and opens (or aborts) the phase.
+    """
     store, launch = rdzv.store, rdzv.launch
     rank = launch.rank
-    me = _whoami()
+    me = _whoami(launch, mesh)
     # Claim the rank and say who holds it in one round trip: the first claimer's record stays.
-    other = store.compare_set(f"who/{rank}", "", me).decode()
+    other = store.compare_set(f"who/{rank}", "", me).decode(errors="replace")
     if other != me:
         message = (
-            f"rank {rank} is claimed by two processes: {other} and {me}. Two processes got the "
-            f"same {launch.source('rank')}. Fix: give every process its own rank in "
+            f"rank {rank} is claimed by two processes: {_holder(other)} and {_holder(me)}. Two processes "
+            f"got the same {launch.source('rank')}. Fix: give every process its own rank in "
             f"0..{launch.world_size - 1} (check the launcher command or the script that sets it)."
         )
         _refuse_join(store, "duplicate_rank", message)
-    claim = f"{launch.world_size}|{rank}|{launch.source('world_size')}|{mesh}"
-    first = store.compare_set("world_size", "", claim).decode()
-    size, other_rank, variable, other_mesh = first.split("|", 3)
-    if first != claim and size != str(launch.world_size):
-        message = (
-            f"ranks disagree on the world size: rank {other_rank} has {variable}={size}, rank "
-            f"{rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
-            "rank with the same world size."
-        )
-        _refuse_join(store, "world_size_mismatch", message)
-    if other_mesh != mesh:
-        message = (
-            f"ranks asked for different device meshes: rank {other_rank} has mesh "
-            f"{other_mesh or 'none'}, rank {rank} has mesh {mesh or 'none'}. Fix: pass the same "
-            "mesh= to DistributedRuntime on every rank."
-        )
-        _refuse_join(store, "mesh_mismatch", message)
-    barrier(rdzv, "join", deadline)
+    barrier(rdzv, "join", deadline, verify=_compare_claims)
+
+
+def _holder(record: str) -> str:
+    data = parse_record(record.encode(), "who") or {}
+    return f"pid {as_int(data.get('pid'))} on {as_str(data.get('host'), '?', 255)!r}"
+
+
+def _compare_claims(rdzv: Rendezvous) -> str:
+    """Run by the last rank to check in: ``"ok"``, or the abort naming the first disagreement."""
+    launch = rdzv.launch
+    keys = [f"who/{r}" for r in range(launch.world_size)]
+    if not rdzv.store.check(keys):
+        return "ok"  # ranks count differently (a world-size mismatch): the timeout explains it
+    records = {int(key[4:]): parse_record(raw, key) or {} for key, raw in read_many(rdzv.store, keys).items()}
+    mine = records.get(launch.rank, {})
+    for other, record in sorted(records.items()):
+        if as_int(record.get("world_size")) != launch.world_size:
+            return "abort:world_size_mismatch:" + _size_mismatch(launch, other, record)
+        if as_str(record.get("mesh")) != as_str(mine.get("mesh")):
+            return "abort:mesh_mismatch:" + (
+                f"ranks asked for different device meshes: rank {other} has mesh "
+                f"{as_str(record.get('mesh')) or 'none'}, rank {launch.rank} has mesh "
+                f"{as_str(mine.get('mesh')) or 'none'}. Fix: pass the same mesh= to DistributedRuntime "
+                "on every rank.")
+    return "ok"
+
+
+def _size_mismatch(launch: LaunchEnv, other: int, record: dict[str, object]) -> str:
+    return (
+        f"ranks disagree on the world size: rank {other} has "
+        f"{as_str(record.get('ws_source'), 'WORLD_SIZE', 64)}={as_int(record.get('world_size'))}, rank "
+        f"{launch.rank} has {launch.source('world_size')}={launch.world_size}. Fix: start every "
+        "rank with the same world size."
+    )
 
 
 def _join_error(reason: str, message: str) -> RendezvousError:
@@ -287,18 +315,20 @@ def _refuse_join(store: Store, reason: str, message: str) -> NoReturn:
     raise _join_error(reason, message)
 
 
-def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
+def barrier(rdzv: Rendezvous, phase: str, deadline: float,
+            verify: Callable[[Rendezvous], str] | None = None) -> None:
     """Store-based barrier that names the missing ranks when it times out.
 
     Only used at start-up (bounded by ``deadline``): it needs no process group, so a
     rank stuck before ``init_process_group`` is reported, not waited on forever.
+    ``verify`` runs on the last rank to arrive and decides the phase's verdict.
     """
     store = rdzv.store
-    verdict = arrive(rdzv, phase)
+    verdict = arrive(rdzv, phase, verify)
     if verdict is None:  # not the last to arrive: wait for the verdict
         try:
             store.wait([f"{phase}/go"], timedelta(seconds=_seconds_left(deadline)))
-            verdict = store.get(f"{phase}/go").decode()
+            verdict = (read(store, f"{phase}/go") or b"").decode(errors="replace")
         except dist.DistError as exc:
             raise _waiting_error(rdzv, phase, exc) from None
     if verdict != "ok":
@@ -306,14 +336,15 @@ def barrier(rdzv: Rendezvous, phase: str, deadline: float) -> None:
         raise _join_error(reason, message)
 
 
-def arrive(rdzv: Rendezvous, phase: str) -> str | None:
+def arrive(rdzv: Rendezvous, phase: str, verify: Callable[[Rendezvous], str] | None = None) -> str | None:
     """Say this rank reached ``phase``, without waiting for the others (see :func:`await_all`).
 
     The last rank to arrive opens the phase and gets its verdict back (``"ok"``, or an
     abort a failing rank left there); the others get ``None``.
     """
-    if rdzv.store.add(f"{phase}/count", 1) == rdzv.launch.world_size:
-        return rdzv.store.compare_set(f"{phase}/go", "", "ok").decode()
+    if rdzv.store.add(f"{phase}/count", 1) >= rdzv.launch.world_size:
+        verdict = verify(rdzv) if verify is not None else "ok"
+        return rdzv.store.compare_set(f"{phase}/go", "", verdict).decode(errors="replace")
     return None
 
 
@@ -335,19 +366,16 @@ def await_all(rdzv: Rendezvous, phase: str, timeout_s: float) -> int | None:
 
 
 def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousError:
+    """The error of a start-up barrier that timed out (error path: its requests don't count)."""
     launch = rdzv.launch
     waited = time.monotonic() - rdzv.started
     what = "check in" if phase == "join" else f"reach the '{phase}' point"
     try:
         arrived = int(rdzv.store.add(f"{phase}/count", 0))
-        if phase == "join":
-            missing = [r for r in range(launch.world_size) if not rdzv.store.check([f"who/{r}"])]
-        else:
-            missing = []
-        joined = [r for r in range(launch.world_size) if r not in set(missing)][:_MAX_LISTED]
-        hosts = ", ".join(
-            f"{r}@{json.loads(rdzv.store.get(f'who/{r}'))['host']}" for r in joined
-        )
+        present = [r for r in range(launch.world_size) if rdzv.store.check([f"who/{r}"])]
+        missing = [r for r in range(launch.world_size) if r not in set(present)] if phase == "join" else []
+        records = {int(key[4:]): parse_record(raw, key) or {}
+                   for key, raw in read_many(rdzv.store, [f"who/{r}" for r in present[:_MAX_LISTED]]).items()}
     except dist.DistError:
         return RendezvousError(
             f"rank {launch.rank} lost the rendezvous store at {rdzv.address} after {waited:.1f}s "
@@ -355,6 +383,10 @@ def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousEr
             f"(rank 0, or torchrun's agent) exited. Its log has the cause. ({exc})",
             reason="store_lost",
         )
+    for other, record in sorted(records.items()):
+        if "world_size" in record and as_int(record.get("world_size")) != launch.world_size:
+            return RendezvousError(_size_mismatch(launch, other, record), reason="world_size_mismatch")
+    hosts = ", ".join(f"{r}@{as_str(record.get('host'), '?', 255)}" for r, record in sorted(records.items()))
     missing_text = f"missing ranks: {_listed(missing)}; " if missing else ""
     return RendezvousError(
         f"rank {launch.rank}: only {arrived} of {launch.world_size} ranks managed to {what} at "
@@ -363,3 +395,27 @@ def _waiting_error(rdzv: Rendezvous, phase: str, exc: Exception) -> RendezvousEr
         "they were started, or raise timeout_minutes if they are just slow to start.",
         reason="missing_ranks",
     )
+
+
+def leave(rdzv: Rendezvous, timeout_s: float) -> None:
+    """Teardown: every rank says it is done with the store; rank 0, when it hosts the store,
+    stays (bounded by ``timeout_s``) until every peer has said so.
+
+    One ``add`` per rank (the last one also opens ``done/go``); one ``wait`` on the host.
+    Nothing at all under torchrun's agent or a given store, which outlive the ranks.
+    """
+    if not rdzv.rank0_hosts:
+        return
+    try:
+        verdict = arrive(rdzv, "done")
+        if verdict is not None or not rdzv.hosts_store:
+            return
+        arrived = await_all(rdzv, "done", timeout_s)
+    except dist.DistError as error:
+        logger.debug("leaving without the store: %s", error)
+        return
+    if arrived is not None:
+        logger.warning(
+            "rank %d leaves after waiting %.1fs although only %d of %d ranks are done with the store",
+            rdzv.launch.rank, timeout_s, arrived, rdzv.launch.world_size,
+        )

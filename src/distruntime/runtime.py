@@ -12,14 +12,12 @@ from __future__ import annotations
 
 import atexit
 import functools
-import json
 import logging
 import os
-import threading
+import socket
 import time
-import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import timedelta
 from types import TracebackType
 from typing import Literal, TypeVar
@@ -29,7 +27,19 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import HashStore, PrefixStore, Store
 from typing_extensions import ParamSpec
 
+from distruntime.control.agent import start_agent
+from distruntime.control.channel import HostChannel, process_start_time
+from distruntime.control.failures import (
+    LINGER_S,
+    PEER_WINDOW_S,
+    is_peer_symptom,
+    linger_for_peers,
+    report_failure,
+)
+from distruntime.control.stop import DEFAULT_STOP_SIGNALS, requeue_slurm_job
+from distruntime.control.stop import start as start_stop
 from distruntime.device import choose_backend, select_device
+from distruntime.errorfile import write_error_file
 from distruntime.errors import (
     BackendUnavailableError,
     DistRuntimeError,
@@ -37,8 +47,6 @@ from distruntime.errors import (
     HangError,
     PeerFailureError,
 )
-from distruntime.failures import LINGER_S, PEER_WINDOW_S, is_peer_symptom, linger_for_peers, report_failure
-from distruntime.hooks import TeardownHooks
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover, missing_mpi_rendezvous
 from distruntime.mesh import (
@@ -51,87 +59,16 @@ from distruntime.mesh import (
     release_mesh,
 )
 from distruntime.mpi import broadcast_rendezvous
-from distruntime.rendezvous import Rendezvous, arrive, await_all, open_rendezvous
-from distruntime.stop import DEFAULT_STOP_SIGNALS, StopCoordinator, requeue_slurm_job
-from distruntime.stop import start as start_stop
+from distruntime.registry import REGISTRY, Session, current, is_active
+from distruntime.rendezvous import Rendezvous, leave, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
-from distruntime.watchdog import Watchdog, start_watchdog
 
-__all__ = ["DistributedRuntime", "current", "is_active", "on_teardown", "stop_coordinator"]
+__all__ = ["DistributedRuntime", "current", "is_active", "on_teardown"]
 
 logger = logging.getLogger("distruntime")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass
-class _Session:
-    """The live distributed state of this process."""
-
-    info: DistInfo
-    owner: DistributedRuntime | None  # None: a group created outside the library
-    depth: int = 1
-    rendezvous: Rendezvous | None = None
-    signals: SignalScope = field(default_factory=SignalScope)
-    env_patch: EnvPatch = field(default_factory=EnvPatch)
-    watchdog: Watchdog | None = None
-    stop: StopCoordinator | None = None  # graceful_stop=True
-    hooks: TeardownHooks = field(default_factory=TeardownHooks)
-
-
-class _Registry:
-    """The one piece of global state: the active session, behind one lock."""
-
-    def __init__(self) -> None:
-        self.lock = threading.RLock()
-        self.session: _Session | None = None
-        self.generation = 0  # runtimes started in this process; namespaces store keys
-        self.global_runtime: DistributedRuntime | None = None  # the seed shims' runtime
-        self.atexit_registered = False
-
-
-_REGISTRY = _Registry()
-
-
-def current() -> DistInfo:
-    """The ``DistInfo`` of the active runtime (for functions under the decorator).
-
-    Raises:
-        DistRuntimeError: no runtime is active.
-
-    Example:
-        >>> @DistributedRuntime("gloo")
-        ... def main() -> int:
-        ...     return current().world_size
-        >>> main()
-        1
-    """
-    session = _REGISTRY.session
-    if session is None:
-        raise DistRuntimeError(
-            "no DistributedRuntime is active. Fix: call this inside "
-            "`with DistributedRuntime(...)`, a function decorated with it, or after "
-            "initialize_distributed()."
-        )
-    return session.info
-
-
-def is_active() -> bool:
-    """Whether a runtime (or an adopted group) is active in this process."""
-    return _REGISTRY.session is not None
-
-
-def stop_coordinator() -> StopCoordinator:
-    """The active runtime's coordinated stop (behind :func:`distruntime.should_stop`)."""
-    session = _REGISTRY.session
-    if session is None or session.stop is None:
-        state = "no DistributedRuntime is active" if session is None else "its runtime has graceful_stop off"
-        raise DistRuntimeError(
-            f"should_stop()/request_stop() need a coordinated stop, but {state}. Fix: run "
-            "inside `with DistributedRuntime(..., graceful_stop=True)` (on every rank)."
-        )
-    return session.stop
 
 
 def on_teardown(fn: Callable[[], object], timeout_s: float | None = None) -> None:
@@ -150,8 +87,8 @@ def on_teardown(fn: Callable[[], object], timeout_s: float | None = None) -> Non
         ...     on_teardown(lambda: print("released"))
         released
     """
-    with _REGISTRY.lock:
-        session = _REGISTRY.session
+    with REGISTRY.lock:
+        session = REGISTRY.session
         if session is None or session.owner is None:
             raise DistRuntimeError(
                 "on_teardown needs an active DistributedRuntime that owns its process group "
@@ -265,8 +202,8 @@ class DistributedRuntime:
 
     # ------------------------------------------------------------------ context manager
     def __enter__(self) -> DistInfo:
-        with _REGISTRY.lock:
-            session = _REGISTRY.session
+        with REGISTRY.lock:
+            session = REGISTRY.session
             env = self._environment()
             if session is None and (missing := missing_mpi_rendezvous(env)):
                 # MPI over several nodes naming no rendezvous: rank 0 broadcasts one (mpi4py).
@@ -282,19 +219,19 @@ class DistributedRuntime:
                 info = _info_from_live_group(launch)
                 _check_compatible(info, self.backend, launch)
                 self._check_mesh_compatible(info)
-                _REGISTRY.session = _Session(info=info, owner=None)
+                REGISTRY.session = Session(info=info, owner=None)
                 self._entries.append("adopted")
                 logger.info("adopted a process group created outside distruntime (%s)", info.backend)
                 return info
             self._state = "initialising"
             try:
-                _REGISTRY.session = self._start(launch)
+                REGISTRY.session = self._start(launch)
             except BaseException:
                 self._state = "idle"
                 raise
             self._entries.append("owner")
             self._state = "active"
-            return _REGISTRY.session.info
+            return REGISTRY.session.info
 
     def __exit__(
         self,
@@ -302,11 +239,11 @@ class DistributedRuntime:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        with _REGISTRY.lock:
+        with REGISTRY.lock:
             if not self._entries:
                 return
             self._entries.pop()
-            session = _REGISTRY.session
+            session = REGISTRY.session
             if session is None:  # closed already (e.g. by atexit)
                 return
             # The last one out closes the session: with nesting in one thread that is
@@ -315,7 +252,7 @@ class DistributedRuntime:
             session.depth -= 1
             if session.depth > 0:
                 return
-            _REGISTRY.session = None
+            REGISTRY.session = None
             if session.owner is None:  # adopted: the group belongs to someone else
                 return
             self._state = session.owner._state = "tearing down"
@@ -389,7 +326,7 @@ class DistributedRuntime:
     def _environment(self) -> Mapping[str, str]:
         return os.environ if self._env is None else self._env
 
-    def _start(self, launch: LaunchEnv) -> _Session:
+    def _start(self, launch: LaunchEnv) -> Session:
         started = time.monotonic()
         deadline = started + self.timeout_minutes * 60
         plan = self._plan_mesh(launch)  # refused here, before any store or group
@@ -397,8 +334,8 @@ class DistributedRuntime:
         device = select_device(choice.device_type, launch.local_rank)
         if device.type != "cpu":
             getattr(torch, device.type).set_device(device)
-        _REGISTRY.generation += 1
-        session = _Session(
+        REGISTRY.generation += 1
+        session = Session(
             info=DistInfo(
                 backend=choice.backend,
                 rank=launch.rank,
@@ -430,9 +367,10 @@ class DistributedRuntime:
             raise
         _register_atexit()
         if session.rendezvous is not None:
-            session.watchdog = start_watchdog(
+            session.channel = _open_channel(session.rendezvous)
+            session.agent = start_agent(
                 session.rendezvous, choice.backend, self.hang_timeout_s, self.collective_timeout_minutes,
-                self._store,
+                self._store, session.channel,
             )
         if launch.rank == 0:
             logger.info(
@@ -455,7 +393,7 @@ class DistributedRuntime:
         return plan
 
     def _create_group(
-        self, session: _Session, launch: LaunchEnv, deadline: float, plan: MeshPlan | None
+        self, session: Session, launch: LaunchEnv, deadline: float, plan: MeshPlan | None
     ) -> None:
         info = session.info
         timeout = (
@@ -470,7 +408,7 @@ class DistributedRuntime:
             # One process: an in-process store, no port opened.
             store: Store = HashStore()
         else:
-            namespace = f"distruntime/{launch.run_id}/{_REGISTRY.generation}"
+            namespace = f"distruntime/{launch.run_id}/{REGISTRY.generation}"
             session.rendezvous = open_rendezvous(
                 launch, deadline, namespace, self._store, plan.shape if plan is not None else ""
             )
@@ -479,11 +417,6 @@ class DistributedRuntime:
             info.backend, store=store, rank=info.rank, world_size=info.world_size,
             timeout=timeout, device_id=device_id,
         )
-        if session.rendezvous is not None:
-            # No waiting here: the agreement that every rank is past init_process_group
-            # (rank 0 leaving early would take the store away from a rank still
-            # connecting) is checked at teardown, when it has long been reached.
-            arrive(session.rendezvous, "ready")
         if self.graceful_stop:
             stop_timeout_s = (self.collective_timeout_minutes or 30.0) * 60
             rdzv_store = session.rendezvous.store if session.rendezvous is not None else None
@@ -492,30 +425,15 @@ class DistributedRuntime:
             session.info = replace(info, parallel=build_mesh(plan, info.device.type, info.rank, timeout))
 
 
-def write_error_file(exc: Exception, path: str | None = None) -> None:
-    """Write ``exc`` to ``path`` (default: ``TORCHELASTIC_ERROR_FILE``, set by torchrun).
-
-    The JSON schema is torch's own (``ErrorHandler.record_exception``), which torchrun's
-    summary reads; written here because torch's takes the traceback from
-    ``sys.exc_info()``, the original exception rather than the one given.
-    """
-    path = path or os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    data = {
-        "message": {
-            "message": f"{type(exc).__name__}: {exc}",
-            "extraInfo": {
-                "py_callstack": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-                "timestamp": str(int(time.time())),
-            },
-        }
-    }
-    try:
-        with open(path, "w") as handle:
-            json.dump(data, handle)
-    except OSError as error:  # never hide the job's own exception
-        logger.warning("could not write TORCHELASTIC_ERROR_FILE=%s: %s", path, error)
+def _open_channel(rdzv: Rendezvous) -> HostChannel | None:
+    """This host's node-local channel, with this rank's first slot: its pid and start time,
+    written by the process itself (the evidence a peer needs before it may signal it)."""
+    channel = HostChannel.open(rdzv.namespace, socket.gethostname())
+    if channel is not None:
+        pid = os.getpid()
+        channel.write_slot(rdzv.launch.rank, {"rank": rdzv.launch.rank, "pid": pid,
+                                              "start": process_start_time(pid) or 0, "t": time.time()})
+    return channel
 
 
 def _torch_at_least(*version: int) -> bool:
@@ -585,20 +503,20 @@ def _info_from_live_group(launch: LaunchEnv) -> DistInfo:
 
 
 # ---------------------------------------------------------------------- teardown
-def _hang_error(session: _Session, exc: BaseException | None) -> HangError | None:
+def _hang_error(session: Session, exc: BaseException | None) -> HangError | None:
     """The hang verdict behind ``exc``, if the watchdog has (or is about to have) one."""
-    if exc is None or session.watchdog is None:
+    if exc is None or session.agent is None:
         return None
     if isinstance(exc, HangError):
         return exc
     # A transport error may be the symptom of a peer aborted for a hang: wait (bounded)
     # for the verdict an open incident is about to publish. Anything else only takes
     # a verdict that is already in.
-    report = session.watchdog.verdict_after_failure(6.0 if is_peer_symptom(exc) else 0.0)
+    report = session.agent.verdict_after_failure(6.0 if is_peer_symptom(exc) else 0.0)
     return HangError(report) if report is not None else None
 
 
-def _leave_stop(session: _Session, exc: BaseException | None) -> DistRuntimeError | None:
+def _leave_stop(session: Session, exc: BaseException | None) -> DistRuntimeError | None:
     """Close the coordinated stop before the group: the error to raise after teardown."""
     if session.stop is None:
         return None
@@ -607,7 +525,7 @@ def _leave_stop(session: _Session, exc: BaseException | None) -> DistRuntimeErro
     return session.stop.close(clean=exc is None, hosts_store=hosts)
 
 
-def _after_agreed_stop(session: _Session, requeue: bool) -> None:
+def _after_agreed_stop(session: Session, requeue: bool) -> None:
     """A clean exit after an agreed stop: say why; requeue the SLURM job if asked."""
     assert session.stop is not None and session.stop.agreed is not None
     agreed = session.stop.agreed
@@ -616,11 +534,11 @@ def _after_agreed_stop(session: _Session, requeue: bool) -> None:
         requeue_slurm_job()
 
 
-def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
+def _close(session: Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
     """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
     session.signals.active = False  # a signal during teardown goes to the old handler
-    if session.watchdog is not None:
-        session.watchdog.stop()
+    if session.agent is not None:
+        session.agent.stop()
     peer_error: list[PeerFailureError | None] = [None]
     rdzv = session.rendezvous
     try:
@@ -629,11 +547,11 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
             # shutdown breaks their collectives.
             def report() -> None:
                 where = mesh_dim_of_failure(session.info.parallel, exc)
-                peer_error[0] = report_failure(rdzv, session.info.rank, exc, where)
+                peer_error[0] = report_failure(rdzv, session.info.rank, exc, where, session.channel)
 
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
-        elif rdzv is not None:
-            _agree_to_leave(rdzv, timeout_s)
+        if rdzv is not None and (exc is None or not rdzv.hosts_store):
+            leave(rdzv, timeout_s)  # the failing store host lingers for its peers instead
         session.hooks.run()  # user cleanup, while the groups its resources use still exist
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
         if session.info.parallel is not None:  # frees the groups: a destructor must not hang us
@@ -641,42 +559,29 @@ def _close(session: _Session, exc: BaseException | None, timeout_s: float) -> Pe
         if exc is not None and rdzv is not None and rdzv.hosts_store:
             run_bounded(lambda: linger_for_peers(rdzv), LINGER_S + 5, "waiting for peers to read the failure")
     finally:
+        if session.channel is not None and session.agent is None:
+            session.channel.close(session.info.rank)
         session.signals.restore()
         session.env_patch.restore()
     logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
     return peer_error[0]
 
 
-def _agree_to_leave(rdzv: Rendezvous, timeout_s: float) -> None:
-    """Success path: leave only once every rank is past ``init_process_group``.
-
-    Start-up does not wait for it (each rank only records its arrival), so in a real
-    job this is one store round trip that finds the agreement long reached. Bounded:
-    past ``timeout_s`` the rank leaves anyway, with a warning.
-    """
-    arrived = await_all(rdzv, "ready", timeout_s)
-    if arrived is not None:
-        logger.warning(
-            "rank %d leaves after waiting %.1fs although only %d of %d ranks finished starting up",
-            rdzv.launch.rank, timeout_s, arrived, rdzv.launch.world_size,
-        )
-
-
 # ---------------------------------------------------------------------- process-wide
 def _register_atexit() -> None:
-    if not _REGISTRY.atexit_registered:
+    if not REGISTRY.atexit_registered:
         atexit.register(_close_at_exit)
-        _REGISTRY.atexit_registered = True
+        REGISTRY.atexit_registered = True
 
 
 def _close_at_exit() -> None:
     """A runtime still open at interpreter exit (seed shims without destroy)."""
-    with _REGISTRY.lock:
-        session = _REGISTRY.session
+    with REGISTRY.lock:
+        session = REGISTRY.session
         if session is None or session.owner is None:
             return
-        _REGISTRY.session = None
-        _REGISTRY.global_runtime = None
+        REGISTRY.session = None
+        REGISTRY.global_runtime = None
         session.owner._entries.clear()
         session.owner._state = "idle"
         _close(session, None, session.owner.teardown_timeout_s)
@@ -684,21 +589,21 @@ def _close_at_exit() -> None:
 
 def enter_global(backend: str, timeout_minutes: float) -> DistInfo:
     """``initialize_distributed``: enter the process-wide runtime (idempotent)."""
-    with _REGISTRY.lock:
-        runtime = _REGISTRY.global_runtime
-        if runtime is not None and _REGISTRY.session is not None:
-            _check_compatible(_REGISTRY.session.info, backend, discover(os.environ))
-            return _REGISTRY.session.info
+    with REGISTRY.lock:
+        runtime = REGISTRY.global_runtime
+        if runtime is not None and REGISTRY.session is not None:
+            _check_compatible(REGISTRY.session.info, backend, discover(os.environ))
+            return REGISTRY.session.info
         runtime = DistributedRuntime(backend, timeout_minutes)
         info = runtime.__enter__()
-        _REGISTRY.global_runtime = runtime
+        REGISTRY.global_runtime = runtime
         return info
 
 
 def exit_global() -> None:
     """``destroy_global_state``: close the process-wide runtime; safe when none."""
-    with _REGISTRY.lock:
-        runtime, _REGISTRY.global_runtime = _REGISTRY.global_runtime, None
+    with REGISTRY.lock:
+        runtime, REGISTRY.global_runtime = REGISTRY.global_runtime, None
     if runtime is not None:
         runtime.__exit__(None, None, None)
 

@@ -7,7 +7,7 @@
   is closed from another thread (where ``signal.signal`` is not allowed) the handler
   stays installed but inert: it hands the signal to the previous handler.
   With ``graceful=True`` (``DistributedRuntime(graceful_stop=True)``) the first stop
-  signal is only recorded in ``received``, for :mod:`distruntime.stop` to agree on a
+  signal is only recorded in ``received``, for :mod:`distruntime.control.stop` to agree on a
   step; a second one raises :class:`SignalExit` as above.
 * Variables the runtime exported are removed or reset to what they were.
 * Destroying the group never waits on peers: on the failure path NCCL groups are
@@ -45,7 +45,7 @@ logger = logging.getLogger("distruntime")
 # gdb: worker in ~AsyncAllreduceWork -> take_gil, destroy in ~ProcessGroupGloo).
 _DESTRUCTOR_HOLDS_GIL = torch.__version__ < "2.8"
 # How long the GIL and the CPU are left to such workers before a destroy on those versions.
-_WORKER_DRAIN_S = 0.05
+_WORKER_DRAIN_S = 0.0
 
 _Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
 
@@ -56,7 +56,7 @@ class SignalScope:
     Args:
         signals: the signals handled (default SIGTERM alone).
         graceful: record the first signal in ``received`` instead of raising; only a
-            second one raises (the coordinated stop of :mod:`distruntime.stop`).
+            second one raises (the coordinated stop of :mod:`distruntime.control.stop`).
 
     Example:
         >>> scope = SignalScope((signal.SIGTERM, signal.SIGUSR1), graceful=True)

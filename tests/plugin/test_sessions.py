@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from inner_pytest import InnerRunner, alive
 
-from distruntime.watchdog import flight_recorder_available
+from distruntime.control.progress import flight_recorder_available
 
 pytestmark = pytest.mark.processes
 

@@ -51,7 +51,8 @@ def run_where(address: str | None, namespace: str | None, timeout_s: float, as_j
 
 def snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tuple[Any, str]:
     """Read a running job's state: returns the report and ``host:port``."""
-    from distruntime.watchdog import POINTER_KEY, job_report
+    from distruntime.control.protocol import POINTER_KEY
+    from distruntime.control.snapshot import job_report
 
     host, port = _address(address)
     store = _connect(host, port, timeout_s)

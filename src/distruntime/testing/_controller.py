@@ -647,7 +647,7 @@ class Controller:
         """The watchdog's cross-rank table for this test's job (the same one a hang raises)."""
         from torch._C._distributed_c10d import PrefixStore
 
-        from distruntime.watchdog import job_report
+        from distruntime.control.snapshot import job_report
 
         try:
             job = PrefixStore(f"drt/{self._seq}", self._get_store())

@@ -75,11 +75,11 @@ def _reset_runtime_generation() -> None:
     starting each test from zero keeps the ranks of one test in the same namespace. The
     test's own store prefix keeps tests apart.
     """
-    from distruntime import runtime
+    from distruntime import registry
 
-    with runtime._REGISTRY.lock:
-        if runtime._REGISTRY.session is None:
-            runtime._REGISTRY.generation = 0
+    with registry.REGISTRY.lock:
+        if registry.REGISTRY.session is None:
+            registry.REGISTRY.generation = 0
 
 
 class RankServer:

@@ -49,7 +49,9 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
+from distruntime.control.protocol import read
 from distruntime.errors import DistRuntimeError, UnevenStopCallsError
+from distruntime.registry import stop_coordinator
 from distruntime.teardown import SignalScope
 
 __all__ = ["StopReason", "request_stop", "should_stop", "stop_reason"]
@@ -58,8 +60,10 @@ logger = logging.getLogger("distruntime")
 
 DEFAULT_STOP_SIGNALS: tuple[int, ...] = (signal.SIGTERM, signal.SIGUSR1)
 
-# A rank blocked on a peer's call looks at the store this often for the reason.
+# A rank blocked on a peer's call looks at the store this often for the reason, once it
+# has waited _QUIET_S.
 _POLL_S = 0.5
+_QUIET_S = 5.0
 # At exit, how long a rank waits for its peers' final call counts (to report uneven
 # calls on every rank, not only on the one left waiting).
 _EXIT_CHECK_S = 30.0
@@ -208,15 +212,15 @@ class StopCoordinator:
             published = False
             while not done.wait(_POLL_S):
                 waited = time.monotonic() - started
-                if self._store is not None:
+                # Steps of uneven length keep a rank waiting here for a while: the store is
+                # asked only once the wait is long (then one read every _POLL_S).
+                if self._store is not None and waited >= _QUIET_S:
                     if not published:
-                        self._store.set(f"stop/waiting/{self.rank}", str(self._calls))
+                        self._store.append("stop/waiting", f"{self.rank}:{self._calls}\n")
                         published = True
                     self._check_peers_left(what)
                 if waited > self._timeout_s:
                     self._raise_stuck(what, waited)
-            if published and self._store is not None:
-                self._store.delete_key(f"stop/waiting/{self.rank}")
         done.clear()
         self._pending = False
         if self._error is not None:
@@ -224,12 +228,9 @@ class StopCoordinator:
         return self._result
 
     def _left_calls(self) -> dict[int, int]:
-        """Final call counts of the ranks that have left the runtime."""
+        """Final call counts of the ranks that have left the runtime (one read of one log)."""
         assert self._store is not None
-        if int(self._store.add("stop/left_count", 0)) == 0:
-            return {}
-        keys = [f"stop/left/{r}" for r in range(self.world_size)]
-        return {r: int(self._store.get(k)) for r, k in enumerate(keys) if self._store.check([k])}
+        return _parse_counts(read(self._store, "stop/left"), self.world_size)
 
     def _check_peers_left(self, what: str) -> None:
         left = {r: n for r, n in self._left_calls().items() if n < self._calls}
@@ -250,7 +251,7 @@ class StopCoordinator:
         left: dict[int, int] = {}
         if self._store is not None:
             left = self._left_calls()
-            waiting |= {r for r in range(self.world_size) if self._store.check([f"stop/waiting/{r}"])}
+            waiting |= set(_parse_counts(read(self._store, "stop/waiting"), self.world_size))
         missing = [r for r in range(self.world_size) if r not in waiting and r not in left]
         raise UnevenStopCallsError(
             f"rank {self.rank} waited {waited:.1f}s in {what} for ranks {missing} to make their "
@@ -287,21 +288,23 @@ class StopCoordinator:
                 if clean and pending:
                     self._wait("the runtime's exit")
                 return None
-            store.set(f"stop/left/{self.rank}", str(self._calls))
-            store.add("stop/left_count", 1)
+            # Per rank: append, add, one blocking wait (or the last one's compare_set), one
+            # read; and one add + wait so the store's host stays until every peer has read.
+            store.append("stop/left", f"{self.rank}:{self._calls}\n")
+            last = int(store.add("stop/left_count", 1)) >= self.world_size
             if not clean:
                 return None
             if pending:
                 self._wait("the runtime's exit (the last should_stop() all-reduce)")
-            deadline = time.monotonic() + _EXIT_CHECK_S
-            while int(store.add("stop/left_count", 0)) < self.world_size and time.monotonic() < deadline:
-                time.sleep(0.05)
+            if last:
+                store.compare_set("stop/all_left", "", "1")
+            else:
+                store.wait(["stop/all_left"], timedelta(seconds=_EXIT_CHECK_S))
             left = self._left_calls()
-            store.add("stop/checked", 1)
-            while hosts_store and int(store.add("stop/checked", 0)) < len(left):
-                if time.monotonic() > deadline:
-                    break
-                time.sleep(0.05)  # peers still reading the counts from this process's store
+            if int(store.add("stop/checked", 1)) >= self.world_size:
+                store.compare_set("stop/all_checked", "", "1")
+            elif hosts_store:  # peers still reading the counts from this process's store
+                store.wait(["stop/all_checked"], timedelta(seconds=_EXIT_CHECK_S))
         except UnevenStopCallsError as exc:
             return exc
         except Exception as exc:  # a peer (or the store's host) is gone: teardown goes on
@@ -319,8 +322,6 @@ class StopCoordinator:
 
 
 def _coordinator() -> StopCoordinator:
-    from distruntime.runtime import stop_coordinator  # runtime imports this module
-
     return stop_coordinator()
 
 
@@ -385,13 +386,46 @@ def stop_reason() -> StopReason | None:
     return _coordinator().agreed
 
 
+def _parse_counts(raw: bytes | None, world_size: int) -> dict[int, int]:
+    """``rank:calls`` lines (untrusted: malformed lines and ranks outside the job are skipped).
+
+    Example:
+        >>> _parse_counts(b"1:5\\n0:7\\nx:y\\n9:1\\n", 4)
+        {1: 5, 0: 7}
+    """
+    counts: dict[int, int] = {}
+    for line in (raw or b"").decode(errors="replace").splitlines()[: 4 * world_size]:
+        rank_text, _, calls_text = line.partition(":")
+        if rank_text.isdigit() and calls_text.isdigit() and int(rank_text) < world_size:
+            counts[int(rank_text)] = int(calls_text)
+    return counts
+
+
+# gloo connects the pairs of a group lazily when this is set (torch >= 2.7): a MAX
+# all-reduce (a ring) then connects each rank to two neighbours, O(N) store requests in all,
+# instead of the full mesh's 3 per peer per rank at creation, O(N^2).
+_LAZY_GLOO = "TORCH_GLOO_LAZY_INIT"
+
+
+def _new_lazy_gloo_group(timeout: timedelta) -> object:
+    previous = os.environ.get(_LAZY_GLOO)
+    os.environ[_LAZY_GLOO] = "1"
+    try:
+        return dist.new_group(backend="gloo", timeout=timeout)
+    finally:
+        if previous is None:
+            del os.environ[_LAZY_GLOO]
+        else:
+            os.environ[_LAZY_GLOO] = previous
+
+
 def start(
     rank: int, world_size: int, store: Store | None, signals: SignalScope, timeout_s: float
 ) -> StopCoordinator:
     """Create the private gloo group (a collective: every rank calls this at start-up)."""
     # The group's own timeout is later than ours, so a peer that never makes its call is
     # reported by _raise_stuck (naming it), not by gloo's bare timeout.
-    group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s + 60))
+    group = _new_lazy_gloo_group(timedelta(seconds=timeout_s + 60))
     if group is None or not isinstance(group, dist.ProcessGroup):  # only for non-members
         raise DistRuntimeError(f"rank {rank}: could not create the stop group (got {group!r})")
     return StopCoordinator(

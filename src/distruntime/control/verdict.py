@@ -53,7 +53,7 @@ _KIND_ORDER = {"exited": 0, "stopped": 1, "unresponsive": 2, "running": 3, "desy
                "waiting": 5, "left": 6}
 # Frames of these packages are not "user code" when naming where a rank stands.
 _LIBRARY_DIRS = (
-    os.path.dirname(os.path.abspath(__file__)) + os.sep,  # distruntime
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,  # distruntime
     os.path.dirname(os.path.abspath(traceback.__file__)) + os.sep,  # the standard library
 )
 _STACK_LIMIT = 40
@@ -240,6 +240,9 @@ class HangReport:
         threshold_s: the hang threshold in force.
         reason: ``"hang"`` (detected by the watchdog), ``"deadline"`` (a test's deadline)
             or ``"snapshot"`` (``distruntime where``).
+        summary: the one-line verdict.
+        hosts: every host of the job that the verdict heard of (a rank that must unblock
+            its collectives shuts down its connections to these).
     """
 
     is_hang: bool
@@ -249,6 +252,7 @@ class HangReport:
     threshold_s: float = 0.0
     reason: str = "hang"
     summary: str = ""
+    hosts: tuple[str, ...] = ()
 
     @property
     def culprits(self) -> tuple[int, ...]:
@@ -284,10 +288,61 @@ class HangReport:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> HangReport:
+        """The report written by :meth:`to_json`; ``ValueError`` when ``text`` is not one."""
+        report = parse_report(text)
+        if report is None:
+            raise ValueError("not a distruntime hang report")
+        return report
+
+
+def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport | None:
+    """A :class:`HangReport` from untrusted JSON (the store), or None when it is not one.
+
+    Every field is type-checked and cut to size, so a record anyone could have written can
+    neither crash the reader nor smuggle in a non-string where text is expected.
+
+    Example:
+        >>> parse_report('{"is_hang": true, "ranks": [{"rank": 1, "kind": "stopped", "detail": "x"}]}').ranks[0].kind
+        'stopped'
+        >>> parse_report('{"is_hang": "yes", "ranks": 3}') is None, parse_report(b"\\xff") is None
+        (True, True)
+    """
+    if text is None or len(text) > limit:
+        return None
+    try:
         data = json.loads(text)
-        ranks = tuple(RankState(**{**r, "stack": tuple(r.get("stack", ()))}) for r in data.pop("ranks"))
-        return cls(ranks=ranks, progress=tuple(data.pop("progress", ())),
-                   desyncs=tuple(data.pop("desyncs", ())), **data)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("is_hang"), bool) \
+            or not isinstance(data.get("ranks"), list):
+        return None
+    rows = []
+    for item in data["ranks"]:
+        if not isinstance(item, dict) or isinstance(item.get("rank"), bool) or not isinstance(item.get("rank"), int):
+            return None
+        stack = item.get("stack") or []
+        pid = item.get("pid", 0)
+        rows.append(RankState(
+            rank=item["rank"], kind=_text(item.get("kind"), 32), detail=_text(item.get("detail"), 2000),
+            where=_text(item.get("where"), 500),
+            stack=tuple(_text(f, 500) for f in stack[:_STACK_LIMIT]) if isinstance(stack, list) else (),
+            host=_text(item.get("host"), 255), pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else 0))
+
+    def lines(name: str) -> tuple[str, ...]:
+        value = data.get(name) or []
+        return tuple(_text(v, 2000) for v in value[:1000]) if isinstance(value, list) else ()
+
+    threshold = data.get("threshold_s", 0.0)
+    return HangReport(
+        is_hang=data["is_hang"], ranks=tuple(rows), progress=lines("progress"), desyncs=lines("desyncs"),
+        threshold_s=float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
+        else 0.0,
+        reason=_text(data.get("reason"), 32) or "hang", summary=_text(data.get("summary"), 4000),
+        hosts=lines("hosts"))
+
+
+def _text(value: Any, limit: int) -> str:
+    return value[:limit] if isinstance(value, str) else ""
 
 
 @dataclass
@@ -376,11 +431,33 @@ def build_report(
     else:
         is_hang = bool(waiting or stuck)
     order = sorted(rows.values(), key=lambda row: (_KIND_ORDER.get(row.kind, 9), -row.waited, row.rank))
+    kept, folded = _fold_waiting(order)
     ranks = tuple(RankState(row.rank, row.kind, row.detail, row.where, tuple(row.stack), row.host, row.pid)
-                  for row in order)
+                  for row in kept)
+    progress.extend(folded)
+    hosts = tuple(sorted({row.host for row in rows.values() if row.host}))
     summary = _summary(ranks, desyncs, longest=longest, threshold_s=threshold_s, reason=reason,
                        is_hang=is_hang)
-    return HangReport(is_hang, ranks, tuple(progress), tuple(desyncs), threshold_s, reason, summary)
+    return HangReport(is_hang, ranks, tuple(progress), tuple(desyncs), threshold_s, reason, summary, hosts)
+
+
+# Rows listed one by one; beyond this, ranks that merely wait are counted per collective,
+# so that a verdict over 100k ranks stays a few hundred kB (it goes to every host).
+_MAX_WAITING_ROWS = 256
+
+
+def _fold_waiting(order: list[_Row]) -> tuple[list[_Row], list[str]]:
+    waiting = [row for row in order if row.kind == "waiting"]
+    if len(waiting) <= _MAX_WAITING_ROWS:
+        return order, []
+    folded_rows = waiting[_MAX_WAITING_ROWS:]
+    dropped = {row.rank for row in folded_rows}
+    by_collective: dict[str, list[int]] = {}
+    for row in folded_rows:
+        by_collective.setdefault(row.detail.split(" for ", 1)[0], []).append(row.rank)
+    lines = [f"{len(ranks)} more ranks {what} (first: {', '.join(map(str, sorted(ranks)[:8]))})"
+             for what, ranks in sorted(by_collective.items(), key=lambda kv: -len(kv[1]))]
+    return [row for row in order if row.rank not in dropped], lines
 
 
 _Records = Mapping[int, Mapping[str, Any]]
@@ -448,6 +525,10 @@ def _describe(rank: int, records: _Records, heartbeats: _Records, local_views: _
             row.detail = (f"blocked in native code holding the GIL{where} (its watchdog could not run"
                           f"{f' for {age:.1f} s' if age is not None else ''}; /proc state {state}: "
                           f"{_PROC_STATES.get(state, state)})")
+    elif beat.get("host_silent"):
+        row.kind = "unresponsive"
+        row.detail = (f"did not answer: no rank on its host {row.host or '?'} answered (every rank there "
+                      "is stuck, or the host is unreachable); last heard from it at check-in")
     else:
         row.kind = "unresponsive"
         row.detail = ("did not answer: holding the GIL, stopped, or its host is unreachable "
@@ -550,3 +631,95 @@ def _main_ident() -> int:
 def own_stack() -> list[str]:
     """This process's main-thread stack (safe from any thread that holds the GIL)."""
     return main_stack(sys._current_frames().get(_main_ident()))
+
+
+# ---------------------------------------------------------------------- untrusted records
+def _int(value: Any, default: int = -1) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 62 else default
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return default
+    number = float(value)
+    return number if number == number and abs(number) < 1e15 else default
+
+
+def _strings(value: Any, limit: int = _STACK_LIMIT) -> list[str]:
+    return [_text(v, 500) for v in value[:limit] if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def _entry(value: Any) -> dict[str, Any] | None:
+    if not isinstance(value, dict):
+        return None
+    sizes = value.get("sizes")
+    return {
+        "group": _text(value.get("group"), 64) or str(_int(value.get("group"), 0)),
+        "seq": _int(value.get("seq")),
+        "op": _text(value.get("op"), 64) or "?",
+        "sizes": [[_int(n, 0) for n in s[:8] if isinstance(n, int)] for s in sizes[:8] if isinstance(s, list)]
+        if isinstance(sizes, list) else [],
+        "dtypes": _strings(value.get("dtypes"), 8),
+        "completed": value.get("completed") is True,
+        "created": _num(value.get("created")),
+    }
+
+
+def _groups(value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        return {}
+    groups = {}
+    for gid, g in list(value.items())[:256]:
+        if isinstance(g, dict):
+            groups[_text(gid, 64)] = {"desc": _text(g.get("desc"), 200), "enqueued": _int(g.get("enqueued")),
+                                      "completed": _int(g.get("completed"))}
+    return groups
+
+
+def _pending(value: dict[str, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"seq": _int(value.get("seq")), "since": _num(value.get("since"))}
+    for name in ("op", "sizes", "dtypes"):
+        if name in value:
+            entry[name] = (_entry(value) or {}).get(name)
+    return entry
+
+
+def sanitize_record(value: Any) -> dict[str, Any] | None:
+    """A rank's state record or heartbeat from the store, with every field build_report reads
+    coerced to its type (and cut to size); None when it is not a record at all.
+
+    Example:
+        >>> sanitize_record({"rank": 1, "pid": "7; rm -rf /", "where": 3, "entries": [{"seq": "x"}]})["pid"]
+        0
+        >>> sanitize_record([1]) is None
+        True
+    """
+    if not isinstance(value, dict):
+        return None
+    entries = [e for e in (_entry(v) for v in (value.get("entries") or [])[:64]
+                           if isinstance(value.get("entries"), list)) if e is not None]
+    pending = value.get("pending") if isinstance(value.get("pending"), dict) else {}
+    record: dict[str, Any] = {
+        "rank": _int(value.get("rank")), "host": _text(value.get("host"), 255), "pid": _int(value.get("pid"), 0),
+        "main": _int(value.get("main"), 0), "where": _text(value.get("where"), 500),
+        "stack": _strings(value.get("stack")), "entries": entries, "groups": _groups(value.get("groups")),
+        "tick": _num(value.get("tick"), 1.0),
+        "pending": {_text(gid, 64): _pending(p) for gid, p in list(pending.items())[:64] if isinstance(p, dict)},
+    }
+    if "t" in value:
+        record["t"] = _num(value.get("t"))
+    if value.get("left") is True:
+        record["left"] = True
+    if value.get("host_silent") is True:
+        record["host_silent"] = True
+    return record
+
+
+def sanitize_view(value: Any) -> dict[str, Any] | None:
+    """What a peer saw of a silent local rank (``/proc`` letter, faulthandler stack), type-checked."""
+    if not isinstance(value, dict):
+        return None
+    view: dict[str, Any] = {"proc": _text(value.get("proc"), 2), "stack": _strings(value.get("stack"))}
+    if isinstance(value.get("exit"), str):
+        view["exit"] = _text(value.get("exit"), 200)
+    return view

@@ -1,0 +1,234 @@
+"""Telling peers why the job stopped, in O(N) store requests.
+
+When a rank fails, its peers usually see only a transport symptom ("Connection closed
+by peer", a collective timeout) that names no rank. Every failing rank therefore writes
+one record to the rendezvous store before it shuts its group down:
+
+* a **root** record when its own code failed (an exception, SIGTERM, Ctrl-C): appended to
+  ``failed/log``, and the first one also claims ``failed/root``;
+* a **peer** record when its error is a transport symptom of someone else's failure.
+
+A rank with a peer error first looks at its own host: a local rank whose process is gone
+(the node-local channel holds its pid and start time, written by that rank itself) exited
+without a word (``os._exit``, SIGKILL, a crash), and is recorded as the root cause on its
+behalf. Then it waits -- one blocking request, bounded -- for ``failed/root`` and reads it.
+Per rank that is four requests, whatever the world size; nothing is read once per peer.
+The result is a :class:`PeerFailureError` naming the rank and, where it reported one, its
+exception.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch._C._distributed_c10d import Store
+
+from distruntime.control.channel import HostChannel, process_start_time
+from distruntime.control.protocol import as_int, as_str, parse_record, read
+from distruntime.errors import PeerFailureError, SignalExit
+from distruntime.rendezvous import Rendezvous
+
+__all__ = ["describe", "is_peer_symptom", "linger_for_peers", "report_failure"]
+
+logger = logging.getLogger("distruntime")
+
+# How long a peer waits for the failed rank's record.
+PEER_WINDOW_S = 2.0
+# How long a failing rank that hosts the store stays, so peers can still read it.
+LINGER_S = 3.0
+# Bound on each store operation on the failure path (its host may be gone).
+_STORE_TIMEOUT = timedelta(seconds=2)
+_ROOT_KEY = "failed/root"
+_LOG_KEY = "failed/log"
+_COUNT_KEY = "failed/n"
+# Above this world size a rank that finds no root cause counts the silent ranks instead
+# of reading every record (the log grows with N; a full read per rank would be O(N^2)).
+_LIST_SILENT_UP_TO = 4096
+# Text of the errors a rank sees when a *peer* failed (gloo, NCCL, the TCP store).
+_PEER_SYMPTOMS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out waiting",
+    "NCCL communicator was aborted",
+    "remote process exited",
+    "Socket Timeout",
+)
+
+
+def describe(exc: BaseException) -> str:
+    """One line: the exception type and the first line of its message.
+
+    Example:
+        >>> describe(ValueError("bad batch\\nmore"))
+        'ValueError: bad batch'
+    """
+    if isinstance(exc, SignalExit):
+        return f"terminated by signal {exc.signum}"
+    text = str(exc).splitlines()[0][:300] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def is_peer_symptom(exc: BaseException) -> bool:
+    """Whether ``exc`` is what a rank sees when another rank failed.
+
+    Example:
+        >>> is_peer_symptom(RuntimeError("Connection closed by peer [127.0.0.1]:1234")), is_peer_symptom(KeyError())
+        (True, False)
+    """
+    if isinstance(exc, PeerFailureError):
+        return True
+    if not isinstance(exc, RuntimeError):  # DistError subclasses RuntimeError
+        return False
+    return any(symptom in str(exc) for symptom in _PEER_SYMPTOMS)
+
+
+def _record(rank: int, root: bool, what: str) -> str:
+    return json.dumps({"rank": rank, "root": root, "what": what[:600]})
+
+
+def _publish_root(store: Store, rank: int, what: str) -> None:
+    line = _record(rank, True, what)
+    store.append(_LOG_KEY, line + "\n")
+    store.compare_set(_ROOT_KEY, "", line)
+    store.add(_COUNT_KEY, 1)
+
+
+def _parse(raw: bytes | str | None, key: str) -> tuple[int, bool, str] | None:
+    data = parse_record(raw, key, limit=4096)
+    if data is None:
+        return None
+    rank = as_int(data.get("rank"), -1, low=0)
+    what = as_str(data.get("what"), limit=600)
+    if rank < 0 or not isinstance(data.get("root"), bool):
+        logger.warning("ignored a malformed failure record under %r", key)
+        return None
+    return rank, bool(data["root"]), what
+
+
+def exited_local_ranks(channel: HostChannel | None, world_size: int, me: int) -> dict[int, str]:
+    """Ranks on this host whose process is gone, by the host's own evidence (their slots)."""
+    if channel is None:
+        return {}
+    gone: dict[int, str] = {}
+    for rank, slot in channel.read_slots().items():
+        pid = as_int(slot.get("pid"), 0, low=0)
+        if rank == me or rank >= world_size or slot.get("left") or pid <= 1:
+            continue
+        start = process_start_time(pid)
+        if start is None or start != as_int(slot.get("start"), -1) or _zombie(pid):
+            gone[rank] = f"exited without reporting an error (pid {pid} on {socket.gethostname()} is gone)"
+    return gone
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except (OSError, IndexError):
+        return True
+
+
+def report_failure(
+    rdzv: Rendezvous, rank: int, exc: BaseException, where: str = "", channel: HostChannel | None = None
+) -> PeerFailureError | None:
+    """Publish this rank's failure; if it only suffered a peer's, return the error naming it.
+
+    ``where`` is appended to the exception's description, e.g. the mesh dim of the
+    collective that failed (``" (in a collective over mesh dim 'tp')"``).
+    """
+    store, world = rdzv.store, rdzv.launch.world_size
+    what = describe(exc) + where
+    try:
+        store.set_timeout(_STORE_TIMEOUT)
+        if not is_peer_symptom(exc):
+            _publish_root(store, rank, what)
+            return None
+        return _find_cause(store, rank, what, world, channel)
+    except dist.DistError as store_error:
+        if rdzv.hosts_store or not is_peer_symptom(exc):
+            logger.warning("could not record this failure for peers: %s", store_error)
+            return None
+        host = "torchrun's agent" if rdzv.launch.agent_store else "rank 0"
+        return PeerFailureError(
+            f"{host}, which hosts the rendezvous store at {rdzv.address}, is gone (it exited or "
+            f"crashed: see its log); rank {rank} stopped because of it. This rank saw: "
+            f"{what}",
+            {0: "lost"} if not rdzv.launch.agent_store else {},
+        )
+
+
+def _find_cause(store: Store, rank: int, saw: str, world: int, channel: HostChannel | None) -> PeerFailureError:
+    exited = exited_local_ranks(channel, world, rank)
+    for other, what in sorted(exited.items()):  # the host's own evidence, recorded for every peer
+        claim = f"{rank}"
+        if bytes(store.compare_set(f"failed/exited/{other}", "", claim)).decode() == claim:
+            _publish_root(store, other, what)  # once, by the first local peer to see it
+    try:
+        store.wait([_ROOT_KEY], timedelta(seconds=PEER_WINDOW_S))
+        root = _parse(read(store, _ROOT_KEY), _ROOT_KEY)
+    except dist.DistError:
+        root = None
+    store.append(_LOG_KEY, _record(rank, False, saw) + "\n")
+    store.add(_COUNT_KEY, 1)
+    if root is not None and root[0] != rank:
+        culprit, _root, what = root
+        return PeerFailureError(
+            f"rank {culprit} failed first ({what}); rank {rank} stopped because of it. The failed "
+            f"rank's log has the full traceback. This rank saw: {saw}",
+            {culprit: what},
+            root_reported=True,
+        )
+    suspects = _silent_ranks(store, world, rank)
+    named = "; ".join(f"rank {r} {what}" for r, what in sorted(suspects.items())[:16])
+    more = f" ... ({len(suspects)} in all)" if len(suspects) > 16 else ""
+    return PeerFailureError(
+        f"{named + more or 'every rank reported only peer errors'}; rank {rank} stopped because of it. "
+        f"(os._exit, a signal such as SIGKILL, or a crash end a rank without a report.) "
+        f"This rank saw: {saw}",
+        suspects,
+    )
+
+
+def _silent_ranks(store: Store, world: int, me: int) -> dict[int, str]:
+    """Ranks that never reported (read once, after the window, only when no root came)."""
+    if world > _LIST_SILENT_UP_TO:
+        return {}
+    reported = {me}
+    for line in (read(store, _LOG_KEY) or b"").splitlines()[: 4 * world]:
+        parsed = _parse(line, _LOG_KEY)
+        if parsed is not None:
+            reported.add(parsed[0])
+    return {r: "alive but never reported: it hangs or has not reached this point"
+            for r in range(world) if r not in reported}
+
+
+def linger_for_peers(rdzv: Rendezvous, channel: HostChannel | None = None) -> None:
+    """Keep the store (hosted here) up until every peer reported, at most ``LINGER_S``."""
+    deadline = time.monotonic() + LINGER_S
+    world = rdzv.launch.world_size
+    try:
+        while time.monotonic() < deadline:
+            if int(rdzv.store.add(_COUNT_KEY, 0)) >= world:
+                return
+            time.sleep(0.1)
+    except dist.DistError as error:
+        logger.debug("stopped waiting for peers: %s", error)
+
+
+def failure_log(store: Store) -> list[dict[str, Any]]:
+    """Every failure record of the job (for tests and tools; one read)."""
+    records = []
+    for line in (read(store, _LOG_KEY) or b"").splitlines():
+        parsed = _parse(line, _LOG_KEY)
+        if parsed is not None:
+            records.append({"rank": parsed[0], "root": parsed[1], "what": parsed[2]})
+    return records
+
+

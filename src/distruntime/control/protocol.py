@@ -1,0 +1,171 @@
+"""The control plane's store protocol: key names, reads that cost one request, and
+defensive parsing of everything read back.
+
+Every key lives under the job's rendezvous namespace. The store is shared by every rank and
+is unauthenticated, so each request here is paid N times and each value read is untrusted
+input: it is size-capped, parsed, type-checked, and dropped with a warning when it does not
+fit -- it never raises into the caller and never changes which error the user sees.
+
+Keys (``k`` is an event number, ``h`` a host key, ``r`` a rank):
+
+============================  ==========================================================
+``who/<r>``                    check-in record (rendezvous): host, pid, world size, mesh
+``ev/<k>``                     event ``k``: claimed once (``compare_set``); a hang incident
+                               or a stop request. Each host waits on the next one.
+``st/<k>/<h>``, ``st/<k>/hosts``, ``st/<k>/ranks``
+                               an incident's per-host answers, the list of hosts that
+                               answered, and how many ranks they covered
+``vd/<k>``                     the incident's verdict, waited on by each host
+``failed/root``, ``failed/log``, ``failed/n``
+                               failure records: the first root cause (waited on), every
+                               record (one ``append`` each), and how many ranks reported
+``distruntime/current``        (root store) pointer for ``distruntime where``
+============================  ==========================================================
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch.distributed as dist
+from torch._C._distributed_c10d import Store
+
+__all__ = [
+    "MAX_RECORD_BYTES", "POINTER_KEY", "event_key", "parse_record", "read", "read_many", "state_key",
+    "verdict_key",
+]
+
+logger = logging.getLogger("distruntime")
+
+# Root-store key (outside any namespace) where rank 0 announces the live rendezvous, so
+# that ``distruntime where HOST:PORT`` can find the job's keys without writing anything.
+POINTER_KEY = "distruntime/current"
+# The largest value the control plane accepts from the store (a host's incident answer
+# with every local rank's stack and last collectives is a few tens of kB).
+MAX_RECORD_BYTES = 1 << 20
+# TCPStore's server refuses a multi_get of more keys or a larger payload than this.
+_BATCH_KEYS = 1024
+_BATCH_BYTES = 6 << 20
+# compare_set with an expected value no writer uses: on a missing key the store returns
+# the expected value unchanged and sets nothing, on a present one its current value.
+_ABSENT = b"\x00distruntime:absent\x00"
+
+
+def event_key(k: int) -> str:
+    return f"ev/{k}"
+
+
+def state_key(k: int, host: str) -> str:
+    return f"st/{k}/{host}"
+
+
+def verdict_key(k: int) -> str:
+    return f"vd/{k}"
+
+
+def read(store: Store, key: str) -> bytes | None:
+    """The value of ``key``, or None when it is absent: one request, never waits.
+
+    (``Store.get`` waits for the key first: two requests on the wire, and a block.)
+    """
+    value = store.compare_set(key, _ABSENT, _ABSENT)
+    return None if value == _ABSENT else bytes(value)
+
+
+def _batches(keys: Sequence[str], sizes: Sequence[int] | None) -> Iterator[list[str]]:
+    batch: list[str] = []
+    used = 0
+    for index, key in enumerate(keys):
+        size = sizes[index] if sizes is not None else 0
+        if batch and (len(batch) >= _BATCH_KEYS or used + size > _BATCH_BYTES):
+            yield batch
+            batch, used = [], 0
+        batch.append(key)
+        used += size
+    if batch:
+        yield batch
+
+
+def read_many(store: Store, keys: Sequence[str], expected_size: int = 256) -> dict[str, bytes]:
+    """Values of ``keys`` that all exist, with one ``multi_get`` per batch (two requests each)."""
+    found: dict[str, bytes] = {}
+    for batch in _batches(keys, [expected_size] * len(keys)):
+        for key, value in zip(batch, store.multi_get(batch), strict=True):
+            found[key] = bytes(value)
+    return found
+
+
+def parse_record(raw: bytes | str | None, key: str, *, limit: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+    """A JSON object read from ``key``, or None (logged) when it is absent, too large or not an object.
+
+    Example:
+        >>> parse_record(b'{"rank": 1}', "who/1")
+        {'rank': 1}
+        >>> parse_record(b"[1, 2]", "who/1") is None, parse_record(b"{", "who/1") is None
+        (True, True)
+    """
+    if raw is None:
+        return None
+    if len(raw) > limit:
+        logger.warning("ignored store key %r: %d bytes (at most %d accepted)", key, len(raw), limit)
+        return None
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        logger.warning("ignored store key %r: not JSON", key)
+        return None
+    if not isinstance(data, dict):
+        logger.warning("ignored store key %r: a JSON %s, not an object", key, type(data).__name__)
+        return None
+    return data
+
+
+def as_int(value: Any, default: int = 0, *, low: int | None = None, high: int | None = None) -> int:
+    """``value`` as an int within ``[low, high]``, else ``default`` (bools are not ints here).
+
+    Example:
+        >>> as_int("7"), as_int(-3, low=0), as_int(True), as_int(10**30, high=10**6)
+        (7, 0, 0, 0)
+    """
+    if isinstance(value, bool):
+        return default
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    if (low is not None and number < low) or (high is not None and number > high):
+        return default
+    return number
+
+
+def as_float(value: Any, default: float = 0.0) -> float:
+    """``value`` as a finite float, else ``default``.
+
+    Example:
+        >>> as_float("1.5"), as_float("nan"), as_float(None)
+        (1.5, 0.0, 0.0)
+    """
+    if isinstance(value, bool):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return default
+    return number if number == number and abs(number) != float("inf") else default
+
+
+def as_str(value: Any, default: str = "", limit: int = 4096) -> str:
+    """``value`` if it is a string (cut to ``limit`` characters), else ``default``."""
+    return value[:limit] if isinstance(value, str) else default
+
+
+def store_alive(store: Store) -> bool:
+    """Whether the store still answers (one request)."""
+    try:
+        store.check(["distruntime/alive"])
+        return True
+    except dist.DistError:
+        return False

@@ -1,0 +1,144 @@
+"""The host waiter: one blocked ``wait`` per host instead of polling the store.
+
+One process per host (the holder of the node-local leader lock, or a backup when the
+holder stops ticking) runs this thread on a store connection of its own, so the main
+client -- which torch uses for new communicators -- is never held. It sleeps in
+``wait ev/<k+1>`` at no cost to the store; re-armed every ``REARM_S`` (two requests). On
+an event it tells its host through the node-local channel and, for a hang incident,
+gathers and publishes the host's answers and waits for the verdict
+(:mod:`distruntime.control.incident`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
+
+from distruntime.control import incident
+from distruntime.control.channel import HostChannel
+from distruntime.control.protocol import as_int, as_str, event_key, parse_record, read
+from distruntime.control.unblock import shutdown_socket_to, socket_inodes
+from distruntime.control.verdict import parse_report
+
+__all__ = ["HostWaiter", "WaiterConfig"]
+
+logger = logging.getLogger("distruntime")
+
+# How long one wait lasts before it is re-armed: 2 requests per host per REARM_S.
+REARM_S = 300.0
+_CONNECT_TIMEOUT_S = 30.0
+
+
+@dataclass(frozen=True)
+class WaiterConfig:
+    """Where the store is and what an incident needs to know."""
+
+    store_host: str
+    store_port: int
+    namespace: str
+    host: str
+    rank: int  # the rank whose process runs this waiter
+    world_size: int
+    tick_s: float
+    answer_window_s: float
+
+
+class HostWaiter:
+    """The thread that waits on the store for this host (see the module docstring)."""
+
+    def __init__(self, channel: HostChannel, config: WaiterConfig) -> None:
+        self.channel = channel
+        self.config = config
+        self.requests = 0  # store requests this waiter made, for the simulator and tests
+        self._closing = threading.Event()
+        self._store: Store | None = None
+        self._inodes: set[int] = set()
+        self._thread = threading.Thread(target=self._run, name="distruntime-host-waiter", daemon=True)
+
+    def __repr__(self) -> str:
+        return f"HostWaiter(host={self.config.host!r}, rank={self.config.rank}, alive={self._thread.is_alive()})"
+
+    def start(self, store: Store | None = None, inodes: set[int] | None = None) -> None:
+        """Start waiting on ``store``, a connection of its own (``inodes``: this process's
+        sockets from before it was opened, to find it again at close); without one, connect."""
+        self._store = store
+        self._inodes = inodes or set()
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop the thread: its blocked wait is cut by shutting down its own connection."""
+        self._closing.set()
+        if self._inodes:
+            shutdown_socket_to(self.config.store_port, self._inodes)
+        self._thread.join(2.0)
+
+    # ------------------------------------------------------------------ the thread
+    def _connect(self) -> Store:
+        if self._store is not None:
+            return self._store
+        self._inodes = socket_inodes()
+        client = TCPStore(self.config.store_host, self.config.store_port, is_master=False,
+                          wait_for_workers=False, timeout=timedelta(seconds=_CONNECT_TIMEOUT_S))
+        return PrefixStore(self.config.namespace, client)
+
+    def _run(self) -> None:
+        try:
+            store = self._connect()
+        except (dist.DistError, RuntimeError) as error:
+            logger.debug("host waiter: cannot reach the store: %s", error)
+            return
+        host = self.channel.read_host()
+        host["leader"] = self.config.rank
+        self.channel.write_host(host)
+        k = as_int(host.get("round"), 0, low=0)
+        while not self._closing.is_set():
+            try:
+                self.requests += 1
+                store.wait([event_key(k + 1)], timedelta(seconds=REARM_S))
+            except dist.DistError as error:
+                if self._closing.is_set() or "timeout" not in str(error).lower():
+                    logger.debug("host waiter stops: %s", error)
+                    return
+                self.requests += 1  # the client's CANCEL_WAIT
+                continue
+            k += 1
+            try:
+                if self._handle(store, k):
+                    return
+            except dist.DistError as error:
+                logger.debug("host waiter stops: %s", error)
+                return
+
+    def _handle(self, store: Store, k: int) -> bool:
+        """Event ``k`` is claimed: tell the host and, for an incident, answer it. True: stop waiting."""
+        self.requests += 1
+        event = parse_record(read(store, event_key(k)), event_key(k)) or {}
+        kind = as_str(event.get("kind"), "?", 16)
+        host = self.channel.read_host()
+        host.update(round=k, event={"kind": kind, "rank": as_int(event.get("rank"), -1)})
+        self.channel.write_host(host)
+        if kind != "hang":
+            return False
+        config = self.config
+        ranks = incident.gather_local(self.channel, k, config.tick_s, 2 * config.tick_s + 0.5)
+        self.requests += 3
+        incident.publish_host_answer(store, k, config.host, ranks)
+        self.requests += 2
+        raw = incident.wait_verdict(store, k, config.answer_window_s + 10.0)
+        host = self.channel.read_host()
+        text = raw.decode(errors="replace") if raw is not None else ""
+        host.update(verdict_round=k, verdict=text)
+        self.channel.write_host(host)
+        report = parse_report(text)
+        # A hang ends the job: nothing is left to wait for.
+        return report is not None and report.is_hang and report.reason == "hang"
+
+
+def leader_of(host: dict[str, Any]) -> int:
+    return as_int(host.get("leader"), -1)
