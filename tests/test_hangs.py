@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from distruntime.errors import HangError, LaunchEnvError
+from distruntime.control.agent import hang_threshold
 from distruntime.control.verdict import (
     HangReport,
     build_report,
@@ -26,7 +26,7 @@ from distruntime.control.verdict import (
     parse_faulthandler,
     process_state,
 )
-from distruntime.control.agent import hang_threshold
+from distruntime.errors import HangError, LaunchEnvError
 
 NOW = 1000.0
 

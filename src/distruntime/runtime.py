@@ -369,8 +369,9 @@ class DistributedRuntime:
         if session.rendezvous is not None:
             session.channel = _open_channel(session.rendezvous)
             session.agent = start_agent(
-                session.rendezvous, choice.backend, self.hang_timeout_s, self.collective_timeout_minutes,
-                self._store, session.channel,
+                session.rendezvous, choice.backend, hang_timeout_s=self.hang_timeout_s,
+                collective_timeout_minutes=self.collective_timeout_minutes, store=self._store,
+                channel=session.channel,
             )
         if launch.rank == 0:
             logger.info(

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import functools
 import json
 import logging
 import math
@@ -139,7 +140,7 @@ class AgentConfig:
         return 2 * self.tick_s + _ANSWER_WINDOW_S
 
 
-def start_agent(rdzv: Rendezvous, backend: str, hang_timeout_s: float | None,
+def start_agent(rdzv: Rendezvous, backend: str, *, hang_timeout_s: float | None,
                 collective_timeout_minutes: float | None, store: Store | None = None,
                 channel: HostChannel | None = None) -> RankAgent | None:
     """Start this rank's agent (the runtime's one line); None when hang detection is off.
@@ -286,7 +287,8 @@ class RankAgent:
                 # (and stop() ends that thread): the duty to end the local ranks that
                 # cannot answer must not be lost with it -- and a signal to the main thread
                 # must not cut it short, so it runs in a thread of its own.
-                run_bounded(lambda: self._kill_local_silent(report), 10.0, "kill of stuck local ranks")
+                run_bounded(functools.partial(self._kill_local_silent, report), 10.0,
+                            "kill of stuck local ranks")
                 return report
             if time.monotonic() >= deadline or self.channel is None:
                 return None
@@ -431,7 +433,8 @@ class RankAgent:
     def _follow(self, host: dict[str, Any]) -> None:
         """Act on what this host's waiter learned: answer an incident, weigh a verdict."""
         k = as_int(host.get("round"), 0, low=0)
-        event = host.get("event") if isinstance(host.get("event"), dict) else {}
+        event = host.get("event")
+        event = event if isinstance(event, dict) else {}
         if k > self._answered and as_str(event.get("kind")) == "hang":
             self._answer(k)
         verdict_round = as_int(host.get("verdict_round"), 0, low=0)
@@ -469,7 +472,8 @@ class RankAgent:
         evidence = waiting or self._local_peer_acted() or self._peers_hung_up()
         if not evidence:
             if time.monotonic() > self._candidate_until:
-                logger.warning("ignored a hang verdict that nothing on this host confirms: %s", report.summary)
+                logger.warning("ignored a hang verdict that nothing on this host confirms: %s",
+                               report.summary)
                 self._candidate = None
             return
         self._candidate = None
@@ -484,7 +488,8 @@ class RankAgent:
         if self._handler_installed and not waiting:
             signal.pthread_kill(self._main, INTERRUPT_SIGNAL)
         else:
-            abort_blocked_collectives(self.config.backend, self.config.keep_ports, job_addresses(report.hosts))
+            abort_blocked_collectives(self.config.backend, self.config.keep_ports,
+                                      job_addresses(report.hosts))
 
     def _peers_hung_up(self) -> bool:
         """The kernel's word: peers closed connections to this process (or they are gone)."""
@@ -521,7 +526,7 @@ class RankAgent:
     def _assemble(self, k: int) -> None:
         try:
             report = incident.assemble(self.store, k, self.config.world_size, self.config.threshold_s,
-                                       self.config.answer_window_s)
+                                       window_s=self.config.answer_window_s)
             incident.publish_verdict(self.store, k, report)
         except dist.DistError as error:
             logger.warning("could not assemble the hang verdict: %s", error)
@@ -548,7 +553,8 @@ class RankAgent:
         if now - as_float(slot.get("t")) < incident.stale_after(self.config.tick_s):
             return False
         live = [r for r, s in slots.items()
-                if not s.get("left") and now - as_float(s.get("t")) < incident.stale_after(self.config.tick_s)]
+                if not s.get("left")
+                and now - as_float(s.get("t")) < incident.stale_after(self.config.tick_s)]
         return bool(live) and min(live) == self.config.rank
 
     def _start_waiter(self) -> None:

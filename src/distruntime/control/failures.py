@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
 from distruntime.control.channel import HostChannel, process_start_time
-from distruntime.control.protocol import as_int, as_str, parse_record, read
+from distruntime.control.protocol import append, as_int, as_str, parse_record, read
 from distruntime.errors import PeerFailureError, SignalExit
 from distruntime.rendezvous import Rendezvous
 
@@ -79,7 +79,8 @@ def is_peer_symptom(exc: BaseException) -> bool:
     """Whether ``exc`` is what a rank sees when another rank failed.
 
     Example:
-        >>> is_peer_symptom(RuntimeError("Connection closed by peer [127.0.0.1]:1234")), is_peer_symptom(KeyError())
+        >>> closed = RuntimeError("Connection closed by peer [127.0.0.1]:1234")
+        >>> is_peer_symptom(closed), is_peer_symptom(KeyError())
         (True, False)
     """
     if isinstance(exc, PeerFailureError):
@@ -95,7 +96,7 @@ def _record(rank: int, root: bool, what: str) -> str:
 
 def _publish_root(store: Store, rank: int, what: str) -> None:
     line = _record(rank, True, what)
-    store.append(_LOG_KEY, line + "\n")
+    append(store, _LOG_KEY, line + "\n")
     store.compare_set(_ROOT_KEY, "", line)
     store.add(_COUNT_KEY, 1)
 
@@ -164,7 +165,8 @@ def report_failure(
         )
 
 
-def _find_cause(store: Store, rank: int, saw: str, world: int, channel: HostChannel | None) -> PeerFailureError:
+def _find_cause(store: Store, rank: int, saw: str, world: int,
+                channel: HostChannel | None) -> PeerFailureError:
     exited = exited_local_ranks(channel, world, rank)
     for other, what in sorted(exited.items()):  # the host's own evidence, recorded for every peer
         claim = f"{rank}"
@@ -175,7 +177,7 @@ def _find_cause(store: Store, rank: int, saw: str, world: int, channel: HostChan
         root = _parse(read(store, _ROOT_KEY), _ROOT_KEY)
     except dist.DistError:
         root = None
-    store.append(_LOG_KEY, _record(rank, False, saw) + "\n")
+    append(store, _LOG_KEY, _record(rank, False, saw) + "\n")
     store.add(_COUNT_KEY, 1)
     if root is not None and root[0] != rank:
         culprit, _root, what = root

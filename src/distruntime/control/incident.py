@@ -32,6 +32,7 @@ from torch._C._distributed_c10d import Store
 
 from distruntime.control.channel import HostChannel
 from distruntime.control.protocol import (
+    append,
     as_float,
     as_int,
     as_str,
@@ -130,7 +131,8 @@ def gather_local(channel: HostChannel, k: int, tick_s: float, window_s: float) -
             ranks[str(rank)] = {"answer": slot["record"]}
         else:
             pid = as_int(slot.get("pid"), 0, low=0)
-            view = local_view(pid, as_int(slot.get("main")), as_str(slot.get("stack_file"))) if pid > 1 else {}
+            stack_file = as_str(slot.get("stack_file"))
+            view = local_view(pid, as_int(slot.get("main")), stack_file) if pid > 1 else {}
             ranks[str(rank)] = {"view": view, "beat": _beat(slot)}
     return ranks
 
@@ -147,7 +149,7 @@ def publish_host_answer(store: Store, k: int, host: str, ranks: dict[str, dict[s
     key = state_key(k, host_key(host))
     if bytes(store.compare_set(key, "", payload)).decode(errors="replace") != payload:
         return False  # a backup waiter of this host published first
-    store.append(f"st/{k}/hosts", host_key(host) + "\n")
+    append(store, f"st/{k}/hosts", host_key(host) + "\n")
     store.add(f"st/{k}/ranks", len(ranks))
     return True
 
@@ -185,7 +187,7 @@ def collect_answers(store: Store, k: int, world_size: int, window_s: float) -> d
     return {"records": records, "views": views, "beats": beats, "left": left}
 
 
-def assemble(store: Store, k: int, world_size: int, threshold_s: float, window_s: float,
+def assemble(store: Store, k: int, world_size: int, threshold_s: float, *, window_s: float,
              reason: str = "hang") -> HangReport:
     """The verdict of incident ``k`` from every host's answer (see the module docstring)."""
     found = collect_answers(store, k, world_size, window_s)

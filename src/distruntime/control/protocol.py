@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
@@ -51,7 +52,7 @@ _BATCH_KEYS = 1024
 _BATCH_BYTES = 6 << 20
 # compare_set with an expected value no writer uses: on a missing key the store returns
 # the expected value unchanged and sets nothing, on a present one its current value.
-_ABSENT = b"\x00distruntime:absent\x00"
+_ABSENT = "\x00distruntime:absent\x00"
 
 
 def event_key(k: int) -> str:
@@ -72,7 +73,15 @@ def read(store: Store, key: str) -> bytes | None:
     (``Store.get`` waits for the key first: two requests on the wire, and a block.)
     """
     value = store.compare_set(key, _ABSENT, _ABSENT)
-    return None if value == _ABSENT else bytes(value)
+    return None if value == _ABSENT.encode() else bytes(value)
+
+
+def append(store: Store, key: str, value: str) -> None:
+    """Append ``value`` to ``key`` (one request; created when absent).
+
+    ``Store.append`` is bound since torch 2.1 but missing from torch's type stubs.
+    """
+    cast(Any, store).append(key, value)
 
 
 def _batches(keys: Sequence[str], sizes: Sequence[int] | None) -> Iterator[list[str]]:
@@ -98,7 +107,8 @@ def read_many(store: Store, keys: Sequence[str], expected_size: int = 256) -> di
     return found
 
 
-def parse_record(raw: bytes | str | None, key: str, *, limit: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+def parse_record(raw: bytes | str | None, key: str, *,
+                 limit: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
     """A JSON object read from ``key``, or None (logged) when it is absent, too large or not an object.
 
     Example:
@@ -154,7 +164,7 @@ def as_float(value: Any, default: float = 0.0) -> float:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
         return default
-    return number if number == number and abs(number) != float("inf") else default
+    return number if math.isfinite(number) else default
 
 
 def as_str(value: Any, default: str = "", limit: int = 4096) -> str:

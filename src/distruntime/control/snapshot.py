@@ -96,7 +96,7 @@ def job_report(root: Store, *, reason: str, ask: bool, namespace: str | None = N
         k = incident.latest_event(job) + 1
         won, _event = incident.open_event(job, k, {"kind": "hang", "rank": -1, "by": reason})
         if won:
-            report = incident.assemble(job, k, world_size, threshold, window_s, reason=reason)
+            report = incident.assemble(job, k, world_size, threshold, window_s=window_s, reason=reason)
             incident.publish_verdict(job, k, report)  # reason "deadline": the ranks do not act on it
             return report
     heartbeats: dict[int, dict[str, Any]] = {}
@@ -110,7 +110,8 @@ def job_report(root: Store, *, reason: str, ask: bool, namespace: str | None = N
         verdict = parse_report(read(job, verdict_key(last)))
         if verdict is None:
             raise MalformedRecord(verdict_key(last), "is not a hang verdict")
-        report = replace(report, progress=(*report.progress, f"last verdict (event {last}): {verdict.summary}"))
+        line = f"last verdict (event {last}): {verdict.summary}"
+        report = replace(report, progress=(*report.progress, line))
     return report
 
 

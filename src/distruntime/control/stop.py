@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
-from distruntime.control.protocol import read
+from distruntime.control.protocol import append, read
 from distruntime.errors import DistRuntimeError, UnevenStopCallsError
 from distruntime.registry import stop_coordinator
 from distruntime.teardown import SignalScope
@@ -216,7 +216,7 @@ class StopCoordinator:
                 # asked only once the wait is long (then one read every _POLL_S).
                 if self._store is not None and waited >= _QUIET_S:
                     if not published:
-                        self._store.append("stop/waiting", f"{self.rank}:{self._calls}\n")
+                        append(self._store, "stop/waiting", f"{self.rank}:{self._calls}\n")
                         published = True
                     self._check_peers_left(what)
                 if waited > self._timeout_s:
@@ -290,7 +290,7 @@ class StopCoordinator:
                 return None
             # Per rank: append, add, one blocking wait (or the last one's compare_set), one
             # read; and one add + wait so the store's host stays until every peer has read.
-            store.append("stop/left", f"{self.rank}:{self._calls}\n")
+            append(store, "stop/left", f"{self.rank}:{self._calls}\n")
             last = int(store.add("stop/left_count", 1)) >= self.world_size
             if not clean:
                 return None

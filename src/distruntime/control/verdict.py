@@ -29,6 +29,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import sys
@@ -302,7 +303,8 @@ def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport |
     neither crash the reader nor smuggle in a non-string where text is expected.
 
     Example:
-        >>> parse_report('{"is_hang": true, "ranks": [{"rank": 1, "kind": "stopped", "detail": "x"}]}').ranks[0].kind
+        >>> text = '{"is_hang": true, "ranks": [{"rank": 1, "kind": "stopped", "detail": "x"}]}'
+        >>> parse_report(text).ranks[0].kind
         'stopped'
         >>> parse_report('{"is_hang": "yes", "ranks": 3}') is None, parse_report(b"\\xff") is None
         (True, True)
@@ -318,7 +320,7 @@ def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport |
         return None
     rows = []
     for item in data["ranks"]:
-        if not isinstance(item, dict) or isinstance(item.get("rank"), bool) or not isinstance(item.get("rank"), int):
+        if not isinstance(item, dict) or type(item.get("rank")) is not int:
             return None
         stack = item.get("stack") or []
         pid = item.get("pid", 0)
@@ -326,7 +328,7 @@ def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport |
             rank=item["rank"], kind=_text(item.get("kind"), 32), detail=_text(item.get("detail"), 2000),
             where=_text(item.get("where"), 500),
             stack=tuple(_text(f, 500) for f in stack[:_STACK_LIMIT]) if isinstance(stack, list) else (),
-            host=_text(item.get("host"), 255), pid=pid if isinstance(pid, int) and not isinstance(pid, bool) else 0))
+            host=_text(item.get("host"), 255), pid=pid if type(pid) is int else 0))
 
     def lines(name: str) -> tuple[str, ...]:
         value = data.get(name) or []
@@ -335,8 +337,7 @@ def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport |
     threshold = data.get("threshold_s", 0.0)
     return HangReport(
         is_hang=data["is_hang"], ranks=tuple(rows), progress=lines("progress"), desyncs=lines("desyncs"),
-        threshold_s=float(threshold) if isinstance(threshold, (int, float)) and not isinstance(threshold, bool)
-        else 0.0,
+        threshold_s=float(threshold) if type(threshold) in (int, float) else 0.0,
         reason=_text(data.get("reason"), 32) or "hang", summary=_text(data.get("summary"), 4000),
         hosts=lines("hosts"))
 
@@ -635,14 +636,15 @@ def own_stack() -> list[str]:
 
 # ---------------------------------------------------------------------- untrusted records
 def _int(value: Any, default: int = -1) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 62 else default
+    ok = isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 62
+    return value if ok else default
 
 
 def _num(value: Any, default: float = 0.0) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return default
     number = float(value)
-    return number if number == number and abs(number) < 1e15 else default
+    return number if math.isfinite(number) and abs(number) < 1e15 else default
 
 
 def _strings(value: Any, limit: int = _STACK_LIMIT) -> list[str]:
@@ -698,13 +700,16 @@ def sanitize_record(value: Any) -> dict[str, Any] | None:
         return None
     entries = [e for e in (_entry(v) for v in (value.get("entries") or [])[:64]
                            if isinstance(value.get("entries"), list)) if e is not None]
-    pending = value.get("pending") if isinstance(value.get("pending"), dict) else {}
+    pending = value.get("pending")
+    pending = pending if isinstance(pending, dict) else {}
     record: dict[str, Any] = {
-        "rank": _int(value.get("rank")), "host": _text(value.get("host"), 255), "pid": _int(value.get("pid"), 0),
+        "rank": _int(value.get("rank")), "host": _text(value.get("host"), 255),
+        "pid": _int(value.get("pid"), 0),
         "main": _int(value.get("main"), 0), "where": _text(value.get("where"), 500),
         "stack": _strings(value.get("stack")), "entries": entries, "groups": _groups(value.get("groups")),
         "tick": _num(value.get("tick"), 1.0),
-        "pending": {_text(gid, 64): _pending(p) for gid, p in list(pending.items())[:64] if isinstance(p, dict)},
+        "pending": {_text(gid, 64): _pending(p)
+                    for gid, p in list(pending.items())[:64] if isinstance(p, dict)},
     }
     if "t" in value:
         record["t"] = _num(value.get("t"))

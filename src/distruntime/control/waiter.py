@@ -62,7 +62,8 @@ class HostWaiter:
         self._thread = threading.Thread(target=self._run, name="distruntime-host-waiter", daemon=True)
 
     def __repr__(self) -> str:
-        return f"HostWaiter(host={self.config.host!r}, rank={self.config.rank}, alive={self._thread.is_alive()})"
+        alive = self._thread.is_alive()
+        return f"HostWaiter(host={self.config.host!r}, rank={self.config.rank}, alive={alive})"
 
     def start(self, store: Store | None = None, inodes: set[int] | None = None) -> None:
         """Start waiting on ``store``, a connection of its own (``inodes``: this process's
