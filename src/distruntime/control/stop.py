@@ -291,15 +291,15 @@ class StopCoordinator:
             # Per rank: append, add, one blocking wait (or the last one's compare_set), one
             # read; and one add + wait so the store's host stays until every peer has read.
             append(store, "stop/left", f"{self.rank}:{self._calls}\n")
-            last = int(store.add("stop/left_count", 1)) >= self.world_size
+            if int(store.add("stop/left_count", 1)) >= self.world_size:
+                # Published before this rank's own wait below, which may end in an error:
+                # the peers blocked on it would otherwise wait out _EXIT_CHECK_S.
+                store.compare_set("stop/all_left", "", "1")
             if not clean:
                 return None
             if pending:
                 self._wait("the runtime's exit (the last should_stop() all-reduce)")
-            if last:
-                store.compare_set("stop/all_left", "", "1")
-            else:
-                store.wait(["stop/all_left"], timedelta(seconds=_EXIT_CHECK_S))
+            store.wait(["stop/all_left"], timedelta(seconds=_EXIT_CHECK_S))
             left = self._left_calls()
             if int(store.add("stop/checked", 1)) >= self.world_size:
                 store.compare_set("stop/all_checked", "", "1")
