@@ -230,9 +230,12 @@ class RankAgent:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         if self.channel is not None:
-            self._stack_path = os.path.join(self.channel.path, f"stack-{self.config.rank}.txt")
-            fd = os.open(self._stack_path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-            self._stack_file = os.fdopen(fd, "w+", encoding="utf-8")
+            name = f"stack-{self.config.rank}.txt"
+            try:
+                self._stack_file = self.channel.open_file(name)
+                self._stack_path = os.path.join(self.channel.path, name)
+            except OSError as error:  # the verdict then lacks this rank's dumped stack, no more
+                logger.warning("no node-local stack file for rank %d: %s", self.config.rank, error)
         if threading.current_thread() is threading.main_thread():
             self._previous_handler = signal.signal(INTERRUPT_SIGNAL, self._on_interrupt)
             self._handler_installed = True

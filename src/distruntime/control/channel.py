@@ -106,6 +106,27 @@ class HostChannel:
 
     # ------------------------------------------------------------------ files
     def _write(self, name: str, data: dict[str, Any]) -> None:
+        try:
+            self._write_once(name, data)
+        except FileNotFoundError:
+            # The last rank of an earlier runtime on this host removed the directory between
+            # our open() and this write (it saw only "left" slots): make it again, once.
+            if not _private_dir(self.path):
+                raise
+            self._write_once(name, data)
+
+    def open_file(self, name: str) -> IO[str]:
+        """A private read-write file of this channel (created, truncated, never a symlink)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+        try:
+            fd = os.open(os.path.join(self.path, name), flags, 0o600)
+        except FileNotFoundError:  # removed under us, as in _write
+            if not _private_dir(self.path):
+                raise
+            fd = os.open(os.path.join(self.path, name), flags, 0o600)
+        return os.fdopen(fd, "w+", encoding="utf-8")
+
+    def _write_once(self, name: str, data: dict[str, Any]) -> None:
         target = os.path.join(self.path, name)
         temp = f"{target}.{os.getpid()}.tmp"
         fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
