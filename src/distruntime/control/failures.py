@@ -90,6 +90,10 @@ def is_peer_symptom(exc: BaseException) -> bool:
     return any(symptom in str(exc) for symptom in _PEER_SYMPTOMS)
 
 
+# A root record a local peer publishes for a rank that vanished (the host's own evidence).
+_EXITED = "exited without reporting an error"
+
+
 def _record(rank: int, root: bool, what: str) -> str:
     return json.dumps({"rank": rank, "root": root, "what": what[:600]})
 
@@ -124,7 +128,7 @@ def exited_local_ranks(channel: HostChannel | None, world_size: int, me: int) ->
             continue
         start = process_start_time(pid)
         if start is None or start != as_int(slot.get("start"), -1) or _zombie(pid):
-            gone[rank] = f"exited without reporting an error (pid {pid} on {socket.gethostname()} is gone)"
+            gone[rank] = f"{_EXITED} (pid {pid} on {socket.gethostname()} is gone)"
     return gone
 
 
@@ -181,9 +185,12 @@ def _find_cause(store: Store, rank: int, saw: str, world: int,
     store.add(_COUNT_KEY, 1)
     if root is not None and root[0] != rank:
         culprit, _root, what = root
+        first = (f"rank {culprit} {what}; rank {rank} stopped because of it. (os._exit, a signal such "
+                 "as SIGKILL, or a crash end a rank without a report.)" if what.startswith(_EXITED)
+                 else f"rank {culprit} failed first ({what}); rank {rank} stopped because of it. "
+                 "The failed rank's log has the full traceback.")
         return PeerFailureError(
-            f"rank {culprit} failed first ({what}); rank {rank} stopped because of it. The failed "
-            f"rank's log has the full traceback. This rank saw: {saw}",
+            f"{first} This rank saw: {saw}",
             {culprit: what},
             root_reported=True,
         )
