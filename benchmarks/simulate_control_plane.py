@@ -37,8 +37,8 @@ from datetime import timedelta
 from typing import Any
 
 from _common import loadavg, machine, parse_sizes, save, table
-from torch.distributed import TCPStore
 from torch._C._distributed_c10d import PrefixStore
+from torch.distributed import TCPStore
 from wire import ProxyProcess
 
 from distruntime.control import incident
@@ -51,13 +51,14 @@ WAIT_AT = "/job/train.py:42 in step"
 C10D = "/venv/site-packages/torch/distributed/distributed_c10d.py:2801 in all_reduce"
 
 
-def rank_record(rank: int, host: str, stuck: bool, since: float, k: int) -> dict[str, Any]:
+def rank_record(rank: int, host: str, stuck: bool, since: float, k: int,  # noqa: PLR0917
+                stuck_at: str = STUCK_AT) -> dict[str, Any]:
     """The slot a rank's agent writes once it answered incident ``k`` (see agent._state_record)."""
     now = time.time()
     base: dict[str, Any] = {"rank": rank, "host": host, "pid": 0, "start": 0, "main": 1, "t": now,
                             "tick": 0.5, "waited": 0.0 if stuck else now - since, "stack_file": ""}
     if stuck:
-        record = base | {"where": STUCK_AT, "stack": ["/job/train.py:80 in main", STUCK_AT],
+        record = base | {"where": stuck_at, "stack": ["/job/train.py:80 in main", stuck_at],
                          "groups": {"0": {"enqueued": 10, "completed": 10, "desc": "default"}},
                          "pending": {}, "entries": []}
     else:
@@ -80,6 +81,7 @@ class Job:
         self.namespace = f"distruntime-sim-{uuid.uuid4().hex[:8]}"
         self.port = store_port
         self.threshold_s = threshold_s
+        self.stuck_at = STUCK_AT
         self.hosts = [f"sim-host-{h:05d}" for h in range((n + per_host - 1) // per_host)]
         self.channels: list[HostChannel] = []
         self.waiters: list[HostWaiter] = []
@@ -113,7 +115,8 @@ class Job:
     def write_slots(self, k: int, since: float) -> None:
         for h, channel in enumerate(self.channels):
             for rank in self.ranks_of(h):
-                channel.write_slot(rank, rank_record(rank, self.hosts[h], rank == self.stuck, since, k))
+                channel.write_slot(rank, rank_record(rank, self.hosts[h], rank == self.stuck, since, k,
+                                                     self.stuck_at))
 
     def incident(self, k: int, claimant: int) -> tuple[HangReport, float, list[bytes | None]]:
         """Incident ``k`` opened by ``claimant``: the agent's claim and assembly, timed; the
@@ -139,7 +142,7 @@ class Job:
             shutil.rmtree(channel.path, ignore_errors=True)
 
 
-def simulate_incident(store_port: int, proxy: ProxyProcess, n: int, per_host: int, steady_s: float,
+def simulate_incident(store_port: int, proxy: ProxyProcess, n: int, per_host: int, steady_s: float, *,
                       stuck: int | None = None, threshold_s: float = 5.0) -> dict[str, Any]:
     stuck = n // 3 if stuck is None else stuck
     job = Job(proxy.port, n, per_host, stuck, threshold_s)
