@@ -112,6 +112,15 @@ class Job:
         for waiter in self.waiters:
             waiter.start()
 
+    def await_waiters(self, timeout_s: float = 120.0) -> None:
+        """Until every host's waiter is connected (it writes ``leader`` to its host file
+        then) and its first ``wait`` is on the wire."""
+        deadline = time.monotonic() + timeout_s
+        for channel in self.channels:
+            while "leader" not in channel.read_host() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        time.sleep(0.5)
+
     def write_slots(self, k: int, since: float) -> None:
         for h, channel in enumerate(self.channels):
             for rank in self.ranks_of(h):
@@ -151,7 +160,7 @@ def simulate_incident(store_port: int, proxy: ProxyProcess, n: int, per_host: in
         job.check_in()
         proxy.mark(f"n{n}-waiters-start")
         job.start_waiters()
-        time.sleep(1.0 + len(job.hosts) / 500)
+        job.await_waiters()
         proxy.mark(f"n{n}-steady")
         time.sleep(steady_s)
         proxy.mark(f"n{n}-incident")

@@ -13,6 +13,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from torch.distributed import TCPStore
@@ -63,8 +64,9 @@ def _simulated_verdict(stuck_at: str) -> tuple[HangReport, int]:
         try:
             job.check_in()
             job.start_waiters()
+            job.await_waiters()
             proxy.mark("incident")
-            job.write_slots(1, __import__("time").time() - 2.5)
+            job.write_slots(1, time.time() - 2.5)
             report, _elapsed, verdicts = job.incident(1, 0)
         finally:
             job.close()
