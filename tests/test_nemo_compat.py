@@ -451,3 +451,23 @@ def test_process_hook_runs_on_the_at_exit_path() -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == ["leaving without destroy_global_state",
                                         "hook at exit, group live: True"]
+
+
+def test_cuda_is_synchronised_before_the_hooks_which_run_on_the_ranks_device(
+    monkeypatch: pytest.MonkeyPatch, hooks: Callable[..., object]
+) -> None:
+    # No GPU here: torch.cuda is stubbed to look initialised on device 3.
+    calls: list[tuple[str, object]] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", device)))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(("set_device", device)))
+    hooks(lambda: calls.append(("free_buffer", None)))
+    init_utils.destroy_global_state()
+    assert calls == [("synchronize", 3), ("set_device", 3), ("free_buffer", None)]
+
+    calls.clear()  # the failure path: no synchronize (a stuck kernel would hold it up)
+    with pytest.raises(ValueError, match="boom"), DistributedRuntime("gloo", env={}):
+        raise ValueError("boom")
+    assert calls == [("set_device", 3), ("free_buffer", None)]
