@@ -471,3 +471,17 @@ def test_cuda_is_synchronised_before_the_hooks_which_run_on_the_ranks_device(
     with pytest.raises(ValueError, match="boom"), DistributedRuntime("gloo", env={}):
         raise ValueError("boom")
     assert calls == [("set_device", 3), ("free_buffer", None)]
+
+
+def test_initialize_again_after_a_raw_destroy_creates_a_new_group() -> None:
+    # Callers of the seed may end with dist.destroy_process_group() instead of
+    # destroy_global_state(), and initialise again later in the same process.
+    first = init_utils.initialize_distributed("gloo")
+    dist.destroy_process_group()
+    assert (init_utils.get_rank_safe(), init_utils.get_world_size_safe()) == (0, 1)
+    second = init_utils.initialize_distributed("gloo")
+    try:
+        assert dist.is_initialized() and second == first and second is not first
+    finally:
+        init_utils.destroy_global_state()
+    assert not dist.is_initialized() and not distruntime.is_active()

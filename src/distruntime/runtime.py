@@ -634,8 +634,12 @@ def enter_global(backend: str, timeout_minutes: float) -> DistInfo:
     with REGISTRY.lock:
         runtime = REGISTRY.global_runtime
         if runtime is not None and REGISTRY.session is not None:
-            _check_compatible(REGISTRY.session.info, backend, discover(os.environ))
-            return REGISTRY.session.info
+            if dist.is_available() and dist.is_initialized():
+                _check_compatible(REGISTRY.session.info, backend, discover(os.environ))
+                return REGISTRY.session.info
+            # Its group was destroyed behind its back (a raw destroy_process_group, as the
+            # seed's callers may do): close what is left, then start afresh, as the seed does.
+            exit_global()
         runtime = DistributedRuntime(backend, timeout_minutes)
         info = runtime.__enter__()
         REGISTRY.global_runtime = runtime
