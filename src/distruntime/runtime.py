@@ -99,6 +99,8 @@ def on_teardown(
 
     Raises:
         DistRuntimeError: ``scope="session"`` and no runtime owning its group is active.
+        ValueError: an unknown ``scope``, or a ``timeout_s`` that is not positive.
+        TypeError: ``fn`` is not callable.
 
     Example:
         >>> with DistributedRuntime("gloo"):
