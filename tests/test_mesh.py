@@ -166,9 +166,9 @@ def test_mesh_on_an_adopted_group_is_refused() -> None:
         dist.destroy_process_group()
 
 
-def test_on_teardown_needs_an_active_runtime() -> None:
+def test_on_teardown_session_scope_needs_an_active_runtime() -> None:
     with pytest.raises(DistRuntimeError, match="needs an active DistributedRuntime"):
-        distruntime.on_teardown(lambda: None)
+        distruntime.on_teardown(lambda: None, scope="session")
     runtime = DistributedRuntime("gloo", env={})
     with pytest.raises(DistRuntimeError, match="is not active"):
         runtime.on_teardown(lambda: None)

@@ -34,11 +34,12 @@ if TYPE_CHECKING:
     from distruntime.init_utils import (
         destroy_global_state,
         get_local_rank_preinit,
+        get_local_world_size_preinit,
         get_rank_safe,
         get_world_size_safe,
         initialize_distributed,
     )
-    from distruntime.runtime import DistributedRuntime, current, is_active, on_teardown
+    from distruntime.runtime import DistributedRuntime, current, is_active, on_teardown, remove_teardown
 
 # Names that need torch are imported on first use, so that merely installing the
 # package (whose pytest plugin pytest loads in every session) costs no torch import.
@@ -46,6 +47,7 @@ _LAZY = {
     "DistInfo": "distruntime.info",
     "destroy_global_state": "distruntime.init_utils",
     "get_local_rank_preinit": "distruntime.init_utils",
+    "get_local_world_size_preinit": "distruntime.init_utils",
     "get_rank_safe": "distruntime.init_utils",
     "get_world_size_safe": "distruntime.init_utils",
     "initialize_distributed": "distruntime.init_utils",
@@ -57,6 +59,7 @@ _LAZY = {
     "should_stop": "distruntime.control.stop",
     "stop_reason": "distruntime.control.stop",
     "on_teardown": "distruntime.runtime",
+    "remove_teardown": "distruntime.runtime",
 }
 
 
@@ -93,6 +96,7 @@ __all__ = [
     "destroy_global_state",
     "discover",
     "get_local_rank_preinit",
+    "get_local_world_size_preinit",
     "get_rank_safe",
     "get_world_size_safe",
     "initialize_distributed",
@@ -101,4 +105,5 @@ __all__ = [
     "should_stop",
     "stop_reason",
     "on_teardown",
+    "remove_teardown",
 ]

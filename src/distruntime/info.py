@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,12 +23,18 @@ class DistInfo:
 
     The first five fields are the seed API and may be passed positionally; the rest
     have defaults so ``DistInfo("gloo", 0, 1, torch.device("cpu"), True)`` works.
+    Equality and the hash compare those five seed fields only (what the seed's
+    five-field record compared), so a record built by hand equals the runtime's for the
+    same job whatever launcher started it. ``device`` may be given as ``None`` (the seed's
+    value on CPU: normalised to ``torch.device("cpu")``), a string or a CUDA index.
+    Frozen, unlike the seed's: use ``dataclasses.replace(info, rank=1)`` for a copy.
 
     Attributes:
         backend: the *effective* backend (``"gloo"`` when ``nccl`` fell back to it).
         rank: global rank, ``0 <= rank < world_size``.
         world_size: number of ranks in the default group.
-        device: this rank's device, always a ``torch.device`` (``cpu`` included).
+        device: this rank's device, always a ``torch.device`` (``cpu`` included; ``None``
+            given is stored as ``cpu``).
         is_main: ``rank == 0``.
         local_rank: rank among the processes on this node.
         local_world_size: number of processes on this node.
@@ -54,15 +60,19 @@ class DistInfo:
     world_size: int
     device: torch.device
     is_main: bool
-    local_rank: int = 0
-    local_world_size: int = 1
-    node_rank: int = 0
-    num_nodes: int = 1
-    launcher: str = "none"
-    master_addr: str | None = None
-    master_port: int | None = None
-    restart_count: int = 0
-    parallel: ParallelMesh | None = None
+    local_rank: int = field(default=0, compare=False)
+    local_world_size: int = field(default=1, compare=False)
+    node_rank: int = field(default=0, compare=False)
+    num_nodes: int = field(default=1, compare=False)
+    launcher: str = field(default="none", compare=False)
+    master_addr: str | None = field(default=None, compare=False)
+    master_port: int | None = field(default=None, compare=False)
+    restart_count: int = field(default=0, compare=False)
+    parallel: ParallelMesh | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", _as_device(self.device))
 
     @property
     def mesh(self) -> DeviceMesh:
@@ -90,3 +100,15 @@ class DistInfo:
                 "e.g. DistributedRuntime('auto', mesh={'tp': 2, 'dp_shard': -1})."
             )
         return self.parallel
+
+
+def _as_device(device: object) -> torch.device:
+    """The seed's device values as a ``torch.device``: ``None`` is CPU, an int a CUDA index."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, bool) or not isinstance(device, (int, str)):
+        raise TypeError(
+            f"DistInfo.device must be a torch.device, a device string, a CUDA index or None, "
+            f"got {device!r}. Fix: pass torch.device('cuda', local_rank) or torch.device('cpu')."
+        )
+    return torch.device("cuda", device) if isinstance(device, int) else torch.device(device)

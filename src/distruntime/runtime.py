@@ -47,6 +47,7 @@ from distruntime.errors import (
     HangError,
     PeerFailureError,
 )
+from distruntime.hooks import PROCESS_HOOKS, run_teardown_hooks
 from distruntime.info import DistInfo
 from distruntime.launchers import LaunchEnv, discover, missing_mpi_rendezvous
 from distruntime.mesh import (
@@ -63,7 +64,7 @@ from distruntime.registry import REGISTRY, Session, current, is_active
 from distruntime.rendezvous import Rendezvous, leave, open_rendezvous
 from distruntime.teardown import EnvPatch, SignalScope, run_bounded, shutdown_group
 
-__all__ = ["DistributedRuntime", "current", "is_active", "on_teardown"]
+__all__ = ["DistributedRuntime", "current", "is_active", "on_teardown", "remove_teardown"]
 
 logger = logging.getLogger("distruntime")
 
@@ -71,16 +72,35 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def on_teardown(fn: Callable[[], object], timeout_s: float | None = None) -> None:
-    """Run ``fn`` when the active runtime tears down, *before* its process groups go.
+def on_teardown(
+    fn: Callable[[], object],
+    timeout_s: float | None = None,
+    *,
+    scope: Literal["auto", "session", "process"] = "auto",
+) -> None:
+    """Run ``fn`` at teardown, *before* the process groups go.
 
     For resources bound to process groups (buffers over NCCL sub-groups): hooks run
     last-registered-first on normal exit and on the failure path, each in a thread
-    bounded by ``timeout_s`` (default: the runtime's ``teardown_timeout_s``); one that
-    raises or hangs is logged and skipped. Registered hooks run once.
+    bounded by ``timeout_s`` (default: the runtime's ``teardown_timeout_s``, 30 s
+    without one); one that raises or hangs is logged and skipped.
+
+    Args:
+        scope: ``"session"``: the active runtime's teardown only, once (it must own
+            its process group). ``"process"``: every teardown the library performs
+            from now on -- each owned runtime's close (``with``, decorator, at exit,
+            failure path) and each :func:`~distruntime.destroy_global_state` call, with
+            or without a group -- until :func:`remove_teardown`; registering the same
+            function again does not add a second run. ``"auto"``: ``"session"`` while a
+            runtime that owns its group is active, else ``"process"`` (so a library may
+            register at import time, before any runtime exists). Libraries should say
+            ``"process"``: ``"auto"`` inside a runtime runs the hook at that runtime's
+            teardown only.
 
     Raises:
-        DistRuntimeError: no runtime is active.
+        DistRuntimeError: ``scope="session"`` and no runtime owning its group is active.
+        ValueError: an unknown ``scope``, or a ``timeout_s`` that is not positive.
+        TypeError: ``fn`` is not callable.
 
     Example:
         >>> with DistributedRuntime("gloo"):
@@ -89,12 +109,34 @@ def on_teardown(fn: Callable[[], object], timeout_s: float | None = None) -> Non
     """
     with REGISTRY.lock:
         session = REGISTRY.session
+        owned = session is not None and session.owner is not None
+        if scope == "process" or (scope == "auto" and not owned):
+            PROCESS_HOOKS.add(fn, timeout_s)
+            return
+        if scope not in {"session", "auto"}:
+            raise ValueError(f"on_teardown scope must be 'auto', 'session' or 'process', got {scope!r}")
         if session is None or session.owner is None:
             raise DistRuntimeError(
-                "on_teardown needs an active DistributedRuntime that owns its process group "
-                f"(registering {fn!r}). Fix: call it inside `with DistributedRuntime(...)`."
+                "on_teardown(scope='session') needs an active DistributedRuntime that owns its "
+                f"process group (registering {fn!r}). Fix: call it inside `with "
+                "DistributedRuntime(...)`, or register it for the process (scope='process')."
             )
         session.hooks.add(fn, session.owner.teardown_timeout_s if timeout_s is None else timeout_s)
+
+
+def remove_teardown(fn: Callable[[], object]) -> bool:
+    """Unregister ``fn`` from the process hooks and the active session's; True when found.
+
+    Example:
+        >>> def release() -> None: ...
+        >>> on_teardown(release, scope="process")
+        >>> remove_teardown(release), remove_teardown(release)
+        (True, False)
+    """
+    with REGISTRY.lock:
+        session = REGISTRY.session
+        in_session = session is not None and session.hooks.remove(fn)
+    return PROCESS_HOOKS.remove(fn) or in_session
 
 
 class DistributedRuntime:
@@ -297,13 +339,13 @@ class DistributedRuntime:
         return run_in_runtime
 
     def on_teardown(self, fn: Callable[[], object], timeout_s: float | None = None) -> None:
-        """:func:`distruntime.on_teardown` for this runtime (which must be active)."""
+        """:func:`distruntime.on_teardown` (``scope="session"``) for this runtime, which must be active."""
         if not self._entries:
             raise DistRuntimeError(
                 f"on_teardown: {self!r} is not active (registering {fn!r}). Fix: call it "
                 "inside its `with` block."
             )
-        on_teardown(fn, timeout_s)
+        on_teardown(fn, timeout_s, scope="session")
 
     # ------------------------------------------------------------------ internals
     def _check_mesh_compatible(self, info: DistInfo) -> None:
@@ -553,7 +595,8 @@ def _close(session: Session, exc: BaseException | None, timeout_s: float) -> Pee
             run_bounded(report, PEER_WINDOW_S + 10, "failure report to peers")
         if rdzv is not None and (exc is None or not rdzv.hosts_store):
             leave(rdzv, timeout_s)  # the failing store host lingers for its peers instead
-        session.hooks.run()  # user cleanup, while the groups its resources use still exist
+        # User cleanup (session, then process hooks), while the groups its resources use exist.
+        run_teardown_hooks(session.hooks, timeout_s, failed=exc is not None)
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
         if session.info.parallel is not None:  # frees the groups: a destructor must not hang us
             run_bounded(lambda: release_mesh(session.info.parallel), timeout_s, "release of the mesh groups")
@@ -593,18 +636,37 @@ def enter_global(backend: str, timeout_minutes: float) -> DistInfo:
     with REGISTRY.lock:
         runtime = REGISTRY.global_runtime
         if runtime is not None and REGISTRY.session is not None:
-            _check_compatible(REGISTRY.session.info, backend, discover(os.environ))
-            return REGISTRY.session.info
+            if dist.is_available() and dist.is_initialized():
+                _check_compatible(REGISTRY.session.info, backend, discover(os.environ))
+                return REGISTRY.session.info
+            # Its group was destroyed behind its back (a raw destroy_process_group, as the
+            # seed's callers may do): close what is left, then start afresh, as the seed does.
+            exit_global()
         runtime = DistributedRuntime(backend, timeout_minutes)
         info = runtime.__enter__()
         REGISTRY.global_runtime = runtime
         return info
 
 
-def exit_global() -> None:
-    """``destroy_global_state``: close the process-wide runtime; safe when none."""
+def exit_global() -> bool:
+    """``destroy_global_state``: close the active session, whoever opened it.
+
+    The shims' runtime closes as its ``with`` block would; a session of another runtime
+    (the shim called inside a ``with`` block) is closed as at exit, and that block then
+    leaves without a second teardown. Returns True when an owned session was closed (its
+    hooks ran); False when there was none, or only an adopted group, which is forgotten
+    here and left to the caller to destroy.
+    """
     with REGISTRY.lock:
         runtime, REGISTRY.global_runtime = REGISTRY.global_runtime, None
-    if runtime is not None:
-        runtime.__exit__(None, None, None)
-
+        session = REGISTRY.session
+        if session is None:
+            return False
+        if session.owner is None:
+            REGISTRY.session = None
+            return False
+        if runtime is not session.owner or session.depth != 1:
+            _close_at_exit()
+            return True
+    runtime.__exit__(None, None, None)
+    return True
