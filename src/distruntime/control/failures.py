@@ -220,6 +220,8 @@ def report_failure(
             if named is not None:
                 _publish_peer(store, rank, what)
                 return named
+            if exited_local_ranks(channel, world, rank):  # a local peer died, not yet on record
+                return _find_cause(store, rank, what, world, channel)
         if not is_peer_symptom(exc):
             _publish_root(store, rank, what)
             return None
