@@ -72,6 +72,8 @@ def test_a_failure_is_named_on_every_rank(spec: str) -> None:
              and "PeerFailureError: rank 1 failed first (ValueError: injected fault on rank 1)" in line]
     assert len(named) == 3, output[-8000:]
     assert "SignalExit" not in output, output[-8000:]
-    # torchrun's summary: the root cause is rank 1's own error file
+    # torchrun's summary: its root cause (the earliest error file, 1 s resolution) names rank 1's
+    # ValueError, whether it is rank 1's own file or a peer's that ties with it
     root = output.split("Root Cause (first observed failure):", 1)[-1]
-    assert "rank      : 1 " in root and "ValueError: injected fault on rank 1" in root, root[-3000:]
+    assert "ValueError: injected fault on rank 1" in root, root[-3000:]
+    assert "SIGTERM" not in root, root[-3000:]
