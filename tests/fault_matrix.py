@@ -27,6 +27,7 @@ from procs import PYTHON, TORCHRUN, WORKERS, clean_env, free_port, kill_tree, ra
 
 FAULT = str(WORKERS / "fault.py")
 FAULT_SPAWN = str(WORKERS / "fault_spawn.py")
+WRAPPER_JOB = str(WORKERS / "wrapper_job.py")
 START_UP_S = 90.0  # allowance for imports on a loaded 2-core machine, before any fault
 
 
@@ -58,6 +59,9 @@ class Scenario:
     kill_leftovers: bool = False  # a hung rank the harness must kill (it never exits itself)
     hang_timeout_s: float | None = None  # DistributedRuntime(hang_timeout_s=...)
     absent: tuple[str, ...] = ()  # substrings the output must not contain
+    worker: str = FAULT  # the rank script, given ``mode`` (wrapper_job.py: "WRAPPER:MESH:MODE")
+    needs: tuple[str, ...] = ()  # modules the worker imports (the ``wrappers`` extra): else skipped
+    expect_each: str = ""  # every rank but the faulty one prints a FAILED line containing this
 
 
 @dataclass
@@ -81,6 +85,7 @@ _FR = flight_recorder_available()
 _CULPRIT_PY = ("in a collective; rank 2 running Python at", "HangError", "fault.py:")
 _CULPRIT_GIL = ("in a collective; rank 2 blocked in native code holding the GIL", "HangError")
 _IN_ERROR_FILE = "traceback : distruntime.errors.HangError: hang: a rank waited"
+_WRAPPERS = {"fabric": ("lightning",), "accelerate": ("accelerate",)}
 _TERM = signal.SIGTERM
 _KILL = signal.SIGKILL
 _INT = signal.SIGINT
@@ -188,6 +193,31 @@ SCENARIOS: tuple[Scenario, ...] = (
     Scenario("a slow rank under the threshold", "hang", "procs", "slow", 4, ("DONE 0", "DONE 3"), 10,
              fault_rank=2, hang_timeout_s=_HANG_S, expect_success=(0, 1, 2, 3),
              absent=("HangError", "distributed job hangs", "asking every rank")),
+    # --- a wrapper's own group: the failed rank lives on (30 s) and keeps it alive; its peers,
+    # blocked in it, are freed by the failure path's connection shutdown, not by its exit
+    Scenario("exception on rank 1, a group the runtime does not own kept alive", "mid-job", "procs",
+             "own-group", 3, ("rank 1 failed first (ValueError: injected fault on rank 1)",), 10,
+             fault_rank=1, kill_leftovers=True,
+             expect_each="PeerFailureError: rank 1 failed first (ValueError: injected fault on rank 1)"),
+    # --- the wrapper axis: Lightning Fabric (ModelParallelStrategy, TP x FSDP2) and Accelerate
+    # (DDP, and a mesh of its own) on 4 ranks under torchrun, each with its own mesh and with the
+    # runtime's (tests/workers/wrapper_job.py); rank 1 raises, hangs or is SIGKILLed mid-step
+    *(Scenario(f"{wrapper}, {mesh} mesh: {what}", "wrapper", "torchrun", f"{wrapper}:{mesh}:{mode}", 4,
+               expect, bound, fault_rank=1, worker=WRAPPER_JOB, needs=_WRAPPERS[wrapper],
+               hang_timeout_s=_HANG_S if mode == "hang" else None, expect_each=each,
+               absent=("SignalExit",) if each else ())
+      for wrapper in ("fabric", "accelerate") for mesh in ("own", "runtime")
+      for what, mode, expect, each, bound in (
+          ("exception on rank 1", "raise", ("rank 1 failed first (ValueError: injected fault on rank 1)",),
+           "PeerFailureError: rank 1 failed first (ValueError: injected fault on rank 1)", 10),
+          ("rank 1 hangs", "hang", ("HangError", "rank 1 running Python at", "wrapper_job.py:"),
+           "HangError", _HANG_S + 10),
+          # Not yet every rank: a SIGTERM may still beat the local evidence (1 run in 3 for
+          # Fabric's own mesh: two ranks said SignalExit), so only torchrun's summary and one
+          # rank's report are required here.
+          ("SIGKILL of rank 1", "kill", ("Signal 9 (SIGKILL) received",
+                                         "rank 1 failed first (exited without reporting an error"), "", 10),
+      )),
     # --- teardown
     Scenario("rank 1 dies while the others tear down", "teardown", "procs", "exit-after", 3,
              ("FAULT",), 10, fault_rank=1, expect_success=(0, 2)),
@@ -217,12 +247,12 @@ def _commands(s: Scenario, port: int, token: str) -> list[tuple[list[str], dict[
             if rank in s.missing:
                 continue
             env.update(s.env.get(rank, {}))
-            cmds.append(([PYTHON, FAULT, s.mode], {k: v for k, v in env.items() if v != ""}))
+            cmds.append(([PYTHON, s.worker, s.mode], {k: v for k, v in env.items() if v != ""}))
         return cmds
     env = clean_env(**extra)
     if s.launcher == "torchrun":
         return [([TORCHRUN, "--nproc-per-node", str(s.world_size), "--monitor-interval", "0.1",
-                  FAULT, s.mode], env)]
+                  s.worker, s.mode], env)]
     if s.launcher == "spawn":
         return [([PYTHON, FAULT_SPAWN, s.mode, str(s.world_size), str(port)], env)]
     if s.launcher == "openmpi":

@@ -17,6 +17,8 @@ pytestmark = pytest.mark.processes
 
 @pytest.mark.parametrize("scenario", SCENARIOS, ids=[f"{s.launcher}: {s.name}" for s in SCENARIOS])
 def test_fault(scenario: Scenario) -> None:
+    for module in scenario.needs:
+        pytest.importorskip(module, reason="the `wrappers` extra (lightning, accelerate) is not installed")
     outcome = run_scenario(scenario)
     detail = outcome.describe()
     assert not outcome.timed_out, detail
@@ -29,6 +31,11 @@ def test_fault(scenario: Scenario) -> None:
             assert code != 0, detail
     for text in scenario.expect:
         assert text in outcome.output, f"missing {text!r}\n{detail}"
+    if scenario.expect_each:
+        failed = [line for line in outcome.output.splitlines()
+                  if line.startswith("FAILED ") and scenario.expect_each in line]
+        said = f"{len(failed)} ranks say {scenario.expect_each!r}"
+        assert len(failed) >= scenario.world_size - 1, f"{said}\n{detail}"
     for text in scenario.absent:
         assert text not in outcome.output, f"unexpected {text!r}\n{detail}"
     assert outcome.seconds_to_exit <= scenario.bound_s, detail

@@ -35,9 +35,11 @@ from distruntime.control.failures import (
     is_peer_symptom,
     linger_for_peers,
     report_failure,
+    report_now,
 )
 from distruntime.control.stop import DEFAULT_STOP_SIGNALS, requeue_slurm_job
 from distruntime.control.stop import start as start_stop
+from distruntime.control.unblock import release_peers
 from distruntime.device import choose_backend, select_device
 from distruntime.errorfile import write_error_file
 from distruntime.errors import (
@@ -563,7 +565,7 @@ def _leave_stop(session: Session, exc: BaseException | None) -> DistRuntimeError
     """Close the coordinated stop before the group: the error to raise after teardown."""
     if session.stop is None:
         return None
-    session.signals.active = False  # as in _close: a signal now goes to the old handler
+    session.signals.hold()  # as in _close: a first signal now waits for the teardown
     hosts = session.rendezvous is not None and session.rendezvous.hosts_store
     return session.stop.close(clean=exc is None, hosts_store=hosts)
 
@@ -579,11 +581,12 @@ def _after_agreed_stop(session: Session, requeue: bool) -> None:
 
 def _close(session: Session, exc: BaseException | None, timeout_s: float) -> PeerFailureError | None:
     """Tear down an owned session. Returns the error to raise when a peer caused ``exc``."""
-    session.signals.active = False  # a signal during teardown goes to the old handler
+    rdzv = session.rendezvous
+    # A first SIGTERM (torchrun stopping every rank) waits for the report; a second ends the rank.
+    session.signals.hold(functools.partial(report_now, rdzv, session.info.rank, exc))
     if session.agent is not None:
         session.agent.stop()
     peer_error: list[PeerFailureError | None] = [None]
-    rdzv = session.rendezvous
     try:
         if exc is not None and rdzv is not None:
             # Before the shutdown: peers learn who failed from this record when the
@@ -598,6 +601,8 @@ def _close(session: Session, exc: BaseException | None, timeout_s: float) -> Pee
         # User cleanup (session, then process hooks), while the groups its resources use exist.
         run_teardown_hooks(session.hooks, timeout_s, failed=exc is not None)
         shutdown_group(failed=exc is not None, timeout_s=timeout_s)
+        if exc is not None:  # groups a wrapper or DTensor keeps alive must not hold peers
+            release_peers(rdzv, session.info.backend)
         if session.info.parallel is not None:  # frees the groups: a destructor must not hang us
             run_bounded(lambda: release_mesh(session.info.parallel), timeout_s, "release of the mesh groups")
         if exc is not None and rdzv is not None and rdzv.hosts_store:
@@ -605,7 +610,7 @@ def _close(session: Session, exc: BaseException | None, timeout_s: float) -> Pee
     finally:
         if session.channel is not None and session.agent is None:
             session.channel.close(session.info.rank)
-        session.signals.restore()
+        session.signals.restore(redeliver_held=exc is None)
         session.env_patch.restore()
     logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
     return peer_error[0]

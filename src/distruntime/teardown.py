@@ -9,6 +9,11 @@
   With ``graceful=True`` (``DistributedRuntime(graceful_stop=True)``) the first stop
   signal is only recorded in ``received``, for :mod:`distruntime.control.stop` to agree on a
   step; a second one raises :class:`SignalExit` as above.
+* During teardown (:meth:`SignalScope.hold`) the first stop signal is held: teardown is
+  bounded, and it is what writes the rank's report (the peer's root failure, the error
+  file), so torchrun's SIGTERM to every rank must not cut it short. A second signal ends the
+  rank at once through the previous handler, its report written first. A held signal is
+  re-delivered after a clean teardown, dropped after a failed one (the error ends the rank).
 * Variables the runtime exported are removed or reset to what they were.
 * Destroying the group never waits on peers: on the failure path NCCL groups are
   aborted rather than destroyed, and every shutdown runs in a helper thread with a
@@ -68,7 +73,10 @@ class SignalScope:
         self.signals = tuple(signals)
         self.graceful = graceful
         self.received: int | None = None  # graceful mode: the first stop signal
+        self.held: int | None = None  # teardown: the stop signal held until it is done
         self._previous: dict[int, _Handler] = {}
+        self._holding = False
+        self._last_words: Callable[[], object] | None = None
         self.active = False
 
     def __repr__(self) -> str:
@@ -99,6 +107,37 @@ class SignalScope:
             self.active = False  # a second signal during unwinding goes to the old handler
             logger.warning("received %s: unwinding the distributed runtime", name)
             raise SignalExit(signum)
+        if self._holding:
+            if self.held is None:
+                self.held = signum
+                logger.warning("received %s during teardown: finishing the failure report first "
+                               "(a second signal ends the rank now)", signal.Signals(signum).name)
+                return
+            self._holding = False
+            if self._last_words is not None:
+                try:
+                    self._last_words()
+                except BaseException:  # the rank ends either way
+                    logger.debug("the report before the second signal failed", exc_info=True)
+        self._deliver(signum, frame)
+
+    def hold(self, last_words: Callable[[], object] | None = None) -> None:
+        """Teardown: hold the first stop signal; a second one runs ``last_words``, then ends the rank.
+
+        Called again, it keeps what is held and replaces ``last_words`` (when given).
+
+        Example:
+            >>> scope = SignalScope()
+            >>> scope.hold(lambda: None)
+            >>> scope.held is None, scope.active
+            (True, False)
+        """
+        self.active = False
+        self._holding = True
+        if last_words is not None:
+            self._last_words = last_words
+
+    def _deliver(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)
         if callable(previous):
             previous(signum, frame)
@@ -107,16 +146,32 @@ class SignalScope:
             signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
             os.kill(os.getpid(), signum)
 
-    def restore(self) -> None:
+    def restore(self, *, redeliver_held: bool = False) -> None:
+        """Put the previous handlers back; a held signal goes to them when ``redeliver_held``."""
         self.active = False
+        self._holding = False
+        self._last_words = None
+        held, self.held = self.held, None
+        if held is not None and not redeliver_held:
+            logger.info("the %s held during teardown is dropped: the failure ends the rank",
+                        signal.Signals(held).name)
         if threading.current_thread() is not threading.main_thread():
             if self._previous:
                 logger.debug("closed off the main thread: SIGTERM handler left inert")
+            if held is not None and redeliver_held:
+                os.kill(os.getpid(), held)  # the inert handler, on the main thread, passes it on
             return
+        previous_handlers = dict(self._previous)
         for signum, previous in self._previous.items():
             if signal.getsignal(signum) == self._handle:  # the user may have replaced it since
                 signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
         self._previous.clear()
+        if held is not None and redeliver_held:
+            previous = previous_handlers.get(held, signal.SIG_DFL)
+            if callable(previous):
+                previous(held, None)
+            elif previous != signal.SIG_IGN:
+                os.kill(os.getpid(), held)
 
 
 @dataclass

@@ -10,7 +10,9 @@ the next collective; ``busy`` it spins in Python; ``gil`` it blocks in C holding
 ``all_reduce``; ``shape`` it reduces 8 elements where the others reduce 4; ``extra`` it
 runs one collective more than the others; ``slow`` it works 2 s (under the threshold:
 the job must pass); ``subgroup`` ranks 0 and 1 share a group, rank 1 sleeps before its
-collective there.
+collective there; ``own-group`` the ranks reduce over a group the runtime does not own,
+kept alive as a wrapper keeps its mesh, and the faulty rank raises, then lives on 30 s
+holding it (its peers must be freed by the failure path, not by its exit).
 
 Prints ``ENTER <t>`` before the runtime, ``READY <rank>`` inside it, ``FAULT <t>`` at the
 fault and ``FAILED <t> <error>`` when the runtime raised, ``t`` being ``time.time()``.
@@ -57,28 +59,34 @@ def run_rank(mode: str, env: Mapping[str, str] | None = None) -> None:
                 _hang(mode, info.rank, fault_rank, info.world_size)
                 _say(f"DONE {info.rank}")
                 return
-            if info.rank == fault_rank and mode in ("raise", "exit", "wait"):
+            if mode == "own-group":
+                _KEPT.append(dist.new_group(list(range(info.world_size)), group_desc="wrapper"))
+                dist.all_reduce(torch.ones(1), group=_KEPT[0])
+            if info.rank == fault_rank and mode in ("raise", "exit", "wait", "own-group"):
                 time.sleep(0.3)  # let the peers block in the collective first
                 _say(f"FAULT {time.time()}")
                 mark_dir = environ.get("DRT_MARK_DIR")
                 if mark_dir:  # tells the harness which pid to signal, and when
                     with open(os.path.join(mark_dir, f"fault-{info.rank}"), "w") as handle:
                         handle.write(str(os.getpid()))
-                if mode == "raise":
+                if mode in ("raise", "own-group"):
                     raise ValueError(f"injected fault on rank {info.rank}")
                 if mode == "exit":
                     os._exit(3)
                 while True:
                     time.sleep(0.05)
-            dist.all_reduce(torch.ones(1))
+            dist.all_reduce(torch.ones(1), group=_KEPT[0] if _KEPT else None)
     except BaseException as exc:
         _say(f"FAILED {time.time()} {type(exc).__name__}: {exc}".splitlines()[0])
+        if mode == "own-group" and _KEPT and isinstance(exc, ValueError):
+            time.sleep(30)  # the faulty rank: alive, its group too
         raise
     if mode == "exit-after" and info.rank == fault_rank:
         _say(f"FAULT {time.time()}")
         os._exit(3)
 
 
+_KEPT: list[object] = []  # the "wrapper's" groups: referenced beyond the runtime's teardown
 _HANGS = ("sleep", "busy", "gil", "sigstop", "op", "shape", "extra", "slow", "subgroup")
 
 

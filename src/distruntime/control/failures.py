@@ -15,6 +15,12 @@ behalf. Then it waits -- one blocking request, bounded -- for ``failed/root`` an
 Per rank that is four requests, whatever the world size; nothing is read once per peer.
 The result is a :class:`PeerFailureError` naming the rank and, where it reported one, its
 exception.
+
+The launcher's stop is no root cause when one is already on record: torchrun SIGTERMs every
+rank once the failed one exits, and a rank that learns of the failure second-hand (blocked in
+a group a wrapper keeps alive) may see that SIGTERM first. A :class:`SignalExit` with a peer's
+root failure on record (:func:`root_failure_on_record`, one request) is reported as that
+peer's failure, and recorded as a peer record, not a second root.
 """
 
 from __future__ import annotations
@@ -31,10 +37,15 @@ from torch._C._distributed_c10d import Store
 
 from distruntime.control.channel import HostChannel, process_start_time
 from distruntime.control.protocol import append, as_int, as_str, parse_record, read
+from distruntime.errorfile import write_error_file
 from distruntime.errors import PeerFailureError, SignalExit
 from distruntime.rendezvous import Rendezvous
+from distruntime.teardown import run_bounded
 
-__all__ = ["describe", "is_peer_symptom", "linger_for_peers", "report_failure"]
+__all__ = [
+    "describe", "is_peer_symptom", "linger_for_peers", "report_failure", "report_now",
+    "root_failure_on_record",
+]
 
 logger = logging.getLogger("distruntime")
 
@@ -105,6 +116,65 @@ def _publish_root(store: Store, rank: int, what: str) -> None:
     store.add(_COUNT_KEY, 1)
 
 
+def _publish_peer(store: Store, rank: int, what: str) -> None:
+    append(store, _LOG_KEY, _record(rank, False, what) + "\n")
+    store.add(_COUNT_KEY, 1)
+
+
+def _caused_by(culprit: int, what: str, rank: int, saw: str) -> PeerFailureError:
+    first = (f"rank {culprit} {what}; rank {rank} stopped because of it. (os._exit, a signal such "
+             "as SIGKILL, or a crash end a rank without a report.)" if what.startswith(_EXITED)
+             else f"rank {culprit} failed first ({what}); rank {rank} stopped because of it. "
+             "The failed rank's log has the full traceback.")
+    return PeerFailureError(
+        f"{first} This rank saw: {saw}",
+        {culprit: what},
+        root_reported=True,
+    )
+
+
+def root_failure_on_record(store: Store, rank: int, saw: str) -> PeerFailureError | None:
+    """The error naming another rank's root failure, if one is on record: one request, never waits.
+
+    ``saw`` is what this rank itself saw (e.g. ``"terminated by signal 15"``). The record is
+    untrusted store content: a malformed one, or this rank's own, counts as none.
+
+    Example:
+        >>> from torch.distributed import HashStore
+        >>> store = HashStore()
+        >>> root_failure_on_record(store, 2, "terminated by signal 15") is None
+        True
+        >>> _ = store.set("failed/root", '{"rank": 1, "root": true, "what": "ValueError: bad"}')
+        >>> print(root_failure_on_record(store, 2, "terminated by signal 15"))  # doctest: +ELLIPSIS
+        rank 1 failed first (ValueError: bad); rank 2 stopped because of it. ...
+    """
+    root = _parse(read(store, _ROOT_KEY), _ROOT_KEY)
+    if root is None or root[0] == rank:
+        return None
+    return _caused_by(root[0], root[2], rank, saw)
+
+
+def report_now(rdzv: Rendezvous | None, rank: int, exc: BaseException | None) -> None:
+    """The last words of a rank ended during teardown (a second SIGTERM): log and write its error.
+
+    The error is this rank's own root failure, else a peer's root failure on record (one
+    request, bounded), else what this rank saw. Never raises.
+    """
+    error: BaseException | None = exc
+    if rdzv is not None and (exc is None or is_peer_symptom(exc) or isinstance(exc, SignalExit)):
+        found: list[PeerFailureError | None] = [None]
+
+        def look() -> None:
+            found[0] = root_failure_on_record(rdzv.store, rank, describe(exc) if exc else "a stop signal")
+
+        run_bounded(look, _STORE_TIMEOUT.total_seconds() + 1, "reading the root failure")
+        error = found[0] or exc
+    if error is None:
+        return
+    logger.error("rank %d ends during teardown (a second stop signal): %s", rank, describe(error))
+    write_error_file(error)
+
+
 def _parse(raw: bytes | str | None, key: str) -> tuple[int, bool, str] | None:
     data = parse_record(raw, key, limit=4096)
     if data is None:
@@ -152,6 +222,13 @@ def report_failure(
     what = describe(exc) + where
     try:
         store.set_timeout(_STORE_TIMEOUT)
+        if isinstance(exc, SignalExit):  # the launcher's stop, after a peer's failure?
+            named = root_failure_on_record(store, rank, what)
+            if named is not None:
+                _publish_peer(store, rank, what)
+                return named
+            if exited_local_ranks(channel, world, rank):  # a local peer died, not yet on record
+                return _find_cause(store, rank, what, world, channel)
         if not is_peer_symptom(exc):
             _publish_root(store, rank, what)
             return None
@@ -181,19 +258,9 @@ def _find_cause(store: Store, rank: int, saw: str, world: int,
         root = _parse(read(store, _ROOT_KEY), _ROOT_KEY)
     except dist.DistError:
         root = None
-    append(store, _LOG_KEY, _record(rank, False, saw) + "\n")
-    store.add(_COUNT_KEY, 1)
+    _publish_peer(store, rank, saw)
     if root is not None and root[0] != rank:
-        culprit, _root, what = root
-        first = (f"rank {culprit} {what}; rank {rank} stopped because of it. (os._exit, a signal such "
-                 "as SIGKILL, or a crash end a rank without a report.)" if what.startswith(_EXITED)
-                 else f"rank {culprit} failed first ({what}); rank {rank} stopped because of it. "
-                 "The failed rank's log has the full traceback.")
-        return PeerFailureError(
-            f"{first} This rank saw: {saw}",
-            {culprit: what},
-            root_reported=True,
-        )
+        return _caused_by(root[0], root[2], rank, saw)
     suspects = _silent_ranks(store, world, rank)
     named = "; ".join(f"rank {r} {what}" for r, what in sorted(suspects.items())[:16])
     more = f" ... ({len(suspects)} in all)" if len(suspects) > 16 else ""

@@ -8,6 +8,11 @@ those a wrapper or DTensor keeps alive that the runtime never owned.
 
 :func:`peers_hung_up` is the converse, local evidence: the kernel shows that peers closed
 their end of this process's connections to them.
+
+:func:`release_peers` is the same shutdown on the runtime's failure path: torch's destroy
+frees only the groups nobody else references, and a group that Lightning Fabric,
+Accelerate or DTensor's caches keep alive would otherwise hold every peer blocked in it
+with this rank until this process exits -- which is when torchrun SIGTERMs them all.
 """
 
 from __future__ import annotations
@@ -16,12 +21,15 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch.distributed as dist
+from torch._C._distributed_c10d import Store
 
+from distruntime.rendezvous import Rendezvous
 from distruntime.teardown import run_bounded
 
-__all__ = ["abort_blocked_collectives", "job_addresses", "peers_hung_up"]
+__all__ = ["abort_blocked_collectives", "job_addresses", "peers_hung_up", "release_peers", "store_ports"]
 
 logger = logging.getLogger("distruntime")
 
@@ -52,6 +60,44 @@ def abort_blocked_collectives(backend: str, keep_ports: frozenset[int], addresse
     if "gloo" in backend or "nccl" not in backend:
         closed = _shutdown_connections(keep_ports, addresses)
         logger.debug("shut down %d gloo connections to unblock the main thread", closed)
+
+
+def store_ports(rdzv: Rendezvous) -> frozenset[int]:
+    """The ports of the job's store (``MASTER_PORT`` and the TCP store behind any prefix):
+    their connections are never shut down, the failure report goes through them."""
+    ports = {rdzv.launch.master_port}
+    store: Store | None = rdzv.store
+    while store is not None and not hasattr(store, "port"):
+        store = getattr(store, "underlying_store", None)
+    if store is not None:
+        ports.add(int(cast(Any, store).port))  # a TCPStore's; Store's stubs have no port
+    return frozenset(int(port) for port in ports if port)
+
+
+def release_peers(rdzv: Rendezvous | None, backend: str, timeout_s: float = 5.0) -> int:
+    """The failure path: shut down this rank's gloo connections to the job's hosts, bounded.
+
+    After the failure record is out and the runtime's groups are shut down: every group of the
+    process -- also one a wrapper or DTensor keeps alive -- then fails at once on the peers
+    blocked in it with this rank. The hosts are this one and ``MASTER_ADDR``'s (peers on other
+    nodes, under a launcher that names no node list, are freed when this process exits). NCCL
+    needs nothing here: its abort covers every group. Returns the connections shut down.
+
+    Example:
+        >>> release_peers(None, "gloo")  # one process: no peers
+        0
+    """
+    if rdzv is None or ("gloo" not in backend and "nccl" in backend):
+        return 0
+    closed = [0]
+    hosts = [socket.gethostname(), rdzv.launch.master_addr or ""]
+
+    def release() -> None:
+        closed[0] = _shutdown_connections(store_ports(rdzv), job_addresses(hosts))
+
+    run_bounded(release, timeout_s, "shutdown of the connections other groups keep")
+    logger.debug("failure path: shut down %d connections to peers", closed[0])
+    return closed[0]
 
 
 def peers_hung_up(keep_ports: frozenset[int], addresses: set[str]) -> int:
