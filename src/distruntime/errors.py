@@ -23,8 +23,32 @@ __all__ = [
 ]
 
 
+def _see_note(exc: BaseException) -> None:
+    """Add ``See: distruntime explain NAME`` to the traceback (``__notes__``, PEP 678)."""
+    note = f"See: distruntime explain {type(exc).__name__}"
+    add_note = getattr(exc, "add_note", None)
+    if callable(add_note):
+        add_note(note)
+    else:  # Python 3.10: no add_note; tracebacks there do not show notes, pytest does
+        exc.__notes__ = [note]  # type: ignore[attr-defined]
+
+
 class DistRuntimeError(RuntimeError):
-    """Base class of every error distruntime raises on purpose."""
+    """Base class of every error distruntime raises on purpose.
+
+    Each instance carries the note ``See: distruntime explain NAME``: its traceback ends
+    with the command that prints what the error means, its usual causes and the fix
+    (:mod:`distruntime.troubleshooting`).
+
+    Example:
+        >>> err = DistRuntimeError("something went wrong")
+        >>> err.__notes__
+        ['See: distruntime explain DistRuntimeError']
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        _see_note(self)
 
 
 class LaunchEnvError(DistRuntimeError, ValueError):
@@ -126,6 +150,7 @@ class SignalExit(SystemExit):
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+        _see_note(self)
 
 
 class UnevenStopCallsError(DistRuntimeError):
