@@ -64,6 +64,7 @@ class Entry:
 
 _E = "distruntime.errors"
 
+#: Every entry, by exception class name (``ENTRIES["HangError"]``).
 ENTRIES: dict[str, Entry] = {e.name: e for e in (
     Entry(
         "DistRuntimeError", _E,
