@@ -82,5 +82,12 @@ def destroy_global_state() -> None:
 
     Safe with nothing initialised, safe twice, safe from a non-main thread; never
     changes SIGINT handling. A group created outside the library is left alone.
+
+    Example:
+        >>> info = initialize_distributed("gloo")
+        >>> destroy_global_state()
+        >>> destroy_global_state()   # a second call is a no-op
+        >>> get_world_size_safe()
+        1
     """
     exit_global()
