@@ -220,6 +220,9 @@ class SignalExit(SystemExit):
     A ``SystemExit`` so that ``except Exception`` in user code does not swallow it;
     its exit code is the shell convention ``128 + signal number`` (143 for SIGTERM).
 
+    Attributes:
+        signum: the signal that arrived (15 for SIGTERM).
+
     Example:
         >>> import signal
         >>> SignalExit(signal.SIGTERM).code
