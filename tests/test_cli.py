@@ -164,7 +164,7 @@ def test_env_report_backend_error_fails_the_report() -> None:
 
 def test_main_without_a_command_prints_help(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([]) == 2
-    assert "{env,doctor,where}" in capsys.readouterr().err
+    assert "{env,doctor,where,explain}" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------- env, subprocess

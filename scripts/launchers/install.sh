@@ -7,7 +7,8 @@
 # Env: DRT_APT_TIMEOUT (default 600): upper bound in seconds for each apt step.
 set -euo pipefail
 
-PACKAGES=(slurm-wlm munge openmpi-bin mpich iproute2 util-linux procps)
+# chromium: tests/test_docs_site.py renders the documentation site headless (never skipped in CI).
+PACKAGES=(slurm-wlm munge openmpi-bin mpich iproute2 util-linux procps chromium)
 APT_TIMEOUT=${DRT_APT_TIMEOUT:-600}
 export DEBIAN_FRONTEND=noninteractive
 

@@ -23,8 +23,32 @@ __all__ = [
 ]
 
 
+def _see_note(exc: BaseException) -> None:
+    """Add ``See: distruntime explain NAME`` to the traceback (``__notes__``, PEP 678)."""
+    note = f"See: distruntime explain {type(exc).__name__}"
+    add_note = getattr(exc, "add_note", None)
+    if callable(add_note):
+        add_note(note)
+    else:  # Python 3.10: no add_note; tracebacks there do not show notes, pytest does
+        exc.__notes__ = [note]  # type: ignore[attr-defined]
+
+
 class DistRuntimeError(RuntimeError):
-    """Base class of every error distruntime raises on purpose."""
+    """Base class of every error distruntime raises on purpose.
+
+    Each instance carries the note ``See: distruntime explain NAME``: its traceback ends
+    with the command that prints what the error means, its usual causes and the fix
+    (:mod:`distruntime.troubleshooting`).
+
+    Example:
+        >>> err = DistRuntimeError("something went wrong")
+        >>> err.__notes__
+        ['See: distruntime explain DistRuntimeError']
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        _see_note(self)
 
 
 class LaunchEnvError(DistRuntimeError, ValueError):
@@ -33,6 +57,14 @@ class LaunchEnvError(DistRuntimeError, ValueError):
     Attributes:
         variable: the environment variable at fault (``""`` when several are).
         value: its value as found (``None`` when it is missing).
+
+    Example:
+        >>> from distruntime import discover
+        >>> try:
+        ...     discover({"RANK": "1"})
+        ... except LaunchEnvError as err:
+        ...     print(err.variable, err.value)
+        WORLD_SIZE None
     """
 
     def __init__(self, message: str, *, variable: str = "", value: str | None = None) -> None:
@@ -42,11 +74,26 @@ class LaunchEnvError(DistRuntimeError, ValueError):
 
 
 class BackendUnavailableError(DistRuntimeError):
-    """The requested backend cannot run on this machine (e.g. ``nccl`` without CUDA)."""
+    """The requested backend cannot run on this machine (e.g. ``nccl`` without CUDA).
+
+    Example::
+
+        try:
+            with DistributedRuntime("nccl") as info:   # 2 ranks on a machine without CUDA
+                ...
+        except BackendUnavailableError as err:
+            print(err)   # backend 'nccl' needs cuda, which is not available ... Fix: ...
+    """
 
 
 class DeviceSelectionError(DistRuntimeError):
-    """No device can be chosen for this rank (e.g. local rank beyond the visible GPUs)."""
+    """No device can be chosen for this rank (e.g. local rank beyond the visible GPUs).
+
+    Example::
+
+        # torchrun --nproc-per-node 8 on a node with 4 GPUs: local ranks 4-7 raise
+        # DeviceSelectionError("local rank 4 has no cuda device: this process sees 4 devices ...")
+    """
 
 
 class RendezvousError(DistRuntimeError):
@@ -58,6 +105,15 @@ class RendezvousError(DistRuntimeError):
             ``"unreachable"``, ``"not_a_store"``, ``"missing_ranks"``, ``"store_lost"``,
             ``"duplicate_rank"``, ``"world_size_mismatch"``, ``"port_collision"`` (another job's
             store on a derived port), ``"mesh_mismatch"`` (``""`` when unknown).
+
+    Example::
+
+        try:
+            with DistributedRuntime("gloo", timeout_minutes=0.5) as info:
+                ...
+        except RendezvousError as err:
+            if err.reason == "missing_ranks":
+                print(err)   # only 3 of 4 ranks managed to check in ... missing ranks: 2
     """
 
     def __init__(self, message: str, *, reason: str = "") -> None:
@@ -68,16 +124,42 @@ class RendezvousError(DistRuntimeError):
 class MeshConfigError(DistRuntimeError, ValueError):
     """A ``mesh=`` spec that cannot be built: unknown dim, bad size, sizes that do not fit
     the world size, or (with ``mesh_strict=True``) a ``tp``/``cp`` group spanning nodes.
-    Raised on every rank before any process group exists."""
+    Raised on every rank before any process group exists.
+
+    Example:
+        >>> from distruntime.mesh import plan_mesh
+        >>> try:
+        ...     plan_mesh({"tp": 3}, world_size=8)
+        ... except MeshConfigError:
+        ...     print("8 ranks do not split into tp=3")
+        8 ranks do not split into tp=3
+    """
 
 
 class MeshMismatchError(RendezvousError):
     """Ranks asked for different meshes (caught at the rendezvous check-in, on every rank,
-    before any group exists). ``reason`` is ``"mesh_mismatch"``."""
+    before any group exists). ``reason`` is ``"mesh_mismatch"``.
+
+    Example::
+
+        # rank 0 asks mesh={"tp": 2, "dp_shard": -1}, rank 1 mesh={"tp": 4, ...}: every rank
+        # raises MeshMismatchError (reason "mesh_mismatch") naming which ranks asked for what.
+    """
 
 
 class GroupMismatchError(DistRuntimeError):
-    """A live process group contradicts what this runtime was asked for."""
+    """A live process group contradicts what this runtime was asked for.
+
+    Example:
+        >>> from distruntime import DistributedRuntime
+        >>> with DistributedRuntime("gloo"):
+        ...     try:
+        ...         with DistributedRuntime("gloo", mesh={"tp": 1}):
+        ...             pass
+        ...     except GroupMismatchError:
+        ...         print("the outer runtime has no mesh")
+        the outer runtime has no mesh
+    """
 
 
 class PeerFailureError(DistRuntimeError):
@@ -87,6 +169,15 @@ class PeerFailureError(DistRuntimeError):
         failed_ranks: the failed (or silent) ranks, with what is known of each.
         root_reported: the failed rank reported its own exception (so its log, and
             torchrun's summary, hold the root cause); False when it died or hung silently.
+
+    Example::
+
+        try:
+            with DistributedRuntime("auto") as info:
+                train()
+        except PeerFailureError as err:
+            log.error("stopped because of ranks %s", sorted(err.failed_ranks))
+            raise
     """
 
     def __init__(self, message: str, failed_ranks: dict[int, str], *, root_reported: bool = False) -> None:
@@ -105,6 +196,13 @@ class HangError(DistRuntimeError):
 
     Attributes:
         report: the :class:`distruntime.control.verdict.HangReport` behind the message.
+
+    Example::
+
+        with DistributedRuntime("gloo", hang_timeout_s=60) as info:
+            if info.rank == 1:
+                time.sleep(3600)      # rank 1 never reaches the all_reduce
+            dist.all_reduce(t)        # every rank raises HangError: "rank 1 running Python at ..."
     """
 
     def __init__(self, report: object) -> None:
@@ -121,11 +219,20 @@ class SignalExit(SystemExit):
 
     A ``SystemExit`` so that ``except Exception`` in user code does not swallow it;
     its exit code is the shell convention ``128 + signal number`` (143 for SIGTERM).
+
+    Attributes:
+        signum: the signal that arrived (15 for SIGTERM).
+
+    Example:
+        >>> import signal
+        >>> SignalExit(signal.SIGTERM).code
+        143
     """
 
     def __init__(self, signum: int) -> None:
         super().__init__(128 + signum)
         self.signum = signum
+        _see_note(self)
 
 
 class UnevenStopCallsError(DistRuntimeError):
@@ -136,6 +243,13 @@ class UnevenStopCallsError(DistRuntimeError):
 
     Attributes:
         calls: ``{rank: number of calls}`` as far as known when the error was raised.
+
+    Example::
+
+        while training:
+            if info.rank == 0 and distruntime.should_stop():   # wrong: rank 0 only
+                break
+        # -> UnevenStopCallsError on the way out; call should_stop() on every rank, every step
     """
 
     def __init__(self, message: str, calls: dict[int, int]) -> None:

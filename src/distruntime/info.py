@@ -76,21 +76,44 @@ class DistInfo:
 
     @property
     def mesh(self) -> DeviceMesh:
-        """The root ``DeviceMesh``, dims ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``."""
+        """The root ``DeviceMesh``, dims ``("pp", "dp_replicate", "dp_shard", "cp", "tp")``.
+
+        Example::
+
+            with DistributedRuntime("auto", mesh={"tp": 2, "dp_shard": -1}) as info:
+                info.mesh.mesh_dim_names   # ('pp', 'dp_replicate', 'dp_shard', 'cp', 'tp')
+        """
         return self._parallel().root
 
     def submesh(self, name: str) -> DeviceMesh:
-        """The 1-D mesh of a dim, or of ``"dp"``, ``"dp_shard_cp"``, ``"dp_cp"`` (flattened)."""
+        """The 1-D mesh of a dim, or of ``"dp"``, ``"dp_shard_cp"``, ``"dp_cp"`` (flattened).
+
+        Example::
+
+            model = fully_shard(model, mesh=info.submesh("dp_shard_cp"))
+        """
         return self._parallel().submesh(name)
 
     @property
     def dp_rank(self) -> int:
-        """The data-parallel rank (a data loader's rank): ``rank`` without a mesh."""
+        """The data-parallel rank (a data loader's rank): ``rank`` without a mesh.
+
+        Example:
+            >>> import torch
+            >>> DistInfo("gloo", 3, 4, torch.device("cpu"), False).dp_rank
+            3
+        """
         return self.rank if self.parallel is None else self.parallel.dp_rank
 
     @property
     def dp_size(self) -> int:
-        """The data-parallel size (a data loader's world size): ``world_size`` without a mesh."""
+        """The data-parallel size (a data loader's world size): ``world_size`` without a mesh.
+
+        Example:
+            >>> import torch
+            >>> DistInfo("gloo", 3, 4, torch.device("cpu"), False).dp_size
+            4
+        """
         return self.world_size if self.parallel is None else self.parallel.dp_size
 
     def _parallel(self) -> ParallelMesh:

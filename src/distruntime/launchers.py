@@ -80,7 +80,14 @@ class LaunchEnv:
     restart_count: int = 0
 
     def source(self, field: str) -> str:
-        """Where ``field`` (e.g. ``"rank"``) came from: a variable name or a phrase."""
+        """Where ``field`` (e.g. ``"rank"``) came from: a variable name or a phrase.
+
+        Example:
+            >>> env = discover({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "node1",
+            ...                 "MASTER_PORT": "29500"})
+            >>> env.source("rank"), env.source("world_size")
+            ('RANK', 'WORLD_SIZE')
+        """
         return dict(self.sources).get(field, "default")
 
 

@@ -358,7 +358,7 @@ def flatten_way(plan: MeshPlan, name: str, torch_can_flatten: bool) -> tuple[Fla
 
 
 def flatten_ways(plan: MeshPlan) -> dict[str, tuple[FlattenWay, str]]:
-    """:func:`flatten_way` of every flattened dim on the installed torch (refuses early)."""
+    """``flatten_way`` of every flattened dim on the installed torch (refuses early)."""
     from torch.distributed.device_mesh import DeviceMesh
 
     can_flatten = hasattr(DeviceMesh, "_flatten")

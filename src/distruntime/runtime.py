@@ -341,7 +341,14 @@ class DistributedRuntime:
         return run_in_runtime
 
     def on_teardown(self, fn: Callable[[], object], timeout_s: float | None = None) -> None:
-        """:func:`distruntime.on_teardown` (``scope="session"``) for this runtime, which must be active."""
+        """:func:`distruntime.on_teardown` (``scope="session"``) for this runtime, which must be active.
+
+        Example::
+
+            runtime = DistributedRuntime("gloo")
+            with runtime:
+                runtime.on_teardown(buffer.destroy)   # before the groups are destroyed
+        """
         if not self._entries:
             raise DistRuntimeError(
                 f"on_teardown: {self!r} is not active (registering {fn!r}). Fix: call it "

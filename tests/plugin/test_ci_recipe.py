@@ -23,7 +23,7 @@ def _recipe() -> tuple[dict[str, str], list[str]]:
     section = text.split("\n## CI recipe\n", 1)[1].split("\n## ", 1)[0]
     files: dict[str, str] = {}
     scripts: list[str] = []
-    for match in re.finditer(r"(?:^`([\w./-]+)`:\n\n)?^```(\w+)\n(.*?)^```$", section, re.M | re.S):
+    for match in re.finditer(r"(?:^`([\w./-]+)`:\n\n)?^```(\w+)(?: file)?\n(.*?)^```$", section, re.M | re.S):
         path, lang, body = match.groups()
         if path:
             files[path] = body

@@ -21,12 +21,19 @@
     or not answering (``/proc`` state and a GIL-free stack dump on the same host).
     Defaults to ``MASTER_ADDR:MASTER_PORT``. Writes nothing to the job's store.
 
+``distruntime explain [NAME]``
+    What the error ``NAME`` means (``HangError``, ``RendezvousError``...), its usual causes
+    and the fix, offline: the text of the documentation's troubleshooting page. Every
+    error distruntime raises ends with ``See: distruntime explain NAME``. Without a name,
+    every error with its one-line meaning.
+
 Progress and errors go to stderr through :mod:`logging`; the report goes to stdout.
 
 Example (a shell)::
 
     $ distruntime env --json
     $ torchrun --nproc-per-node 2 -m distruntime doctor
+    $ distruntime explain HangError
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Inspect and check PyTorch distributed launches.",
     )
     parser.add_argument("--version", action="version", version=f"distruntime {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{env,doctor,where}")
+    sub = parser.add_subparsers(dest="command", metavar="{env,doctor,where,explain}")
 
     env = sub.add_parser("env", help="show what this process would get (launcher, ranks, backend, versions)")
     env.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -79,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS",
                        help="bound on reaching the store (default: 5)")
     where.add_argument("--json", action="store_true", help="print JSON instead of the table")
+
+    explain = sub.add_parser("explain", help="what an error means, its usual causes and the fix (offline)")
+    explain.add_argument("name", nargs="?", default=None, metavar="NAME",
+                         help="an exception class, e.g. HangError (default: list them all)")
     return parser
 
 
@@ -113,6 +124,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         _configure_logging(logging.WARNING, "where")
         return run_where(args.address, args.namespace, args.timeout, args.json)
+    if args.command == "explain":
+        from distruntime.cli.explain import run_explain
+
+        return run_explain(args.name)
     parser.print_help(sys.stderr)
     return 2
 
