@@ -25,6 +25,12 @@ import time
 from datetime import timedelta
 from typing import Any
 
+from torch._C._distributed_c10d import TCPStore
+
+from distruntime.control.protocol import POINTER_KEY, printable
+from distruntime.control.snapshot import MalformedRecord, job_report
+from distruntime.rendezvous import _wait_for_listener
+
 __all__ = ["run_where"]
 
 logger = logging.getLogger("distruntime.where")
@@ -37,23 +43,44 @@ class WhereError(Exception):
 def run_where(address: str | None, namespace: str | None, timeout_s: float, as_json: bool) -> int:
     """Print the table of a running job; 0 on success, 1 when no job can be read."""
     try:
-        report, where = snapshot(address, namespace, timeout_s)
+        report, where = _bounded_snapshot(address, namespace, timeout_s)
     except WhereError as error:
-        logger.error("%s", error)
+        logger.error("%s", printable(str(error), keep_newlines=True))
         return 1
-    if as_json:
+    if as_json:  # json.dumps escapes every control character: exact JSON, safe to print
         sys.stdout.write(json.dumps({"address": where, **json.loads(report.to_json())}, indent=2) + "\n")
-    else:
-        sys.stdout.write(f"job at {where}\n{report.format()}\n")
+    else:  # everything shown came from an unauthenticated store: no escape sequence gets through
+        sys.stdout.write(printable(f"job at {where}\n{report.format()}", keep_newlines=True) + "\n")
     sys.stdout.flush()
     return 0
 
 
+def _bounded_snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tuple[Any, str]:
+    """:func:`snapshot`, ended at ``timeout_s`` whatever the store does (slow answers, huge jobs)."""
+    result: list[tuple[Any, str] | BaseException] = []
+
+    def look() -> None:
+        try:
+            result.append(snapshot(address, namespace, timeout_s))
+        except BaseException as error:  # handed to the caller's thread
+            result.append(error)
+
+    worker = threading.Thread(target=look, name="distruntime-where-snapshot", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not result:
+        raise WhereError(f"no complete answer from the store within --timeout {timeout_s:g} s. Fix: pass a "
+                         "longer --timeout for a large job, or check that the address is the job's store.")
+    outcome = result[0]
+    if isinstance(outcome, MalformedRecord):
+        raise WhereError(str(outcome)) from outcome
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
 def snapshot(address: str | None, namespace: str | None, timeout_s: float) -> tuple[Any, str]:
     """Read a running job's state: returns the report and ``host:port``."""
-    from distruntime.control.protocol import POINTER_KEY
-    from distruntime.control.snapshot import job_report
-
     host, port = _address(address)
     store = _connect(host, port, timeout_s)
     report = job_report(store, reason="snapshot", ask=False, namespace=namespace)
@@ -84,10 +111,6 @@ def _address(address: str | None) -> tuple[str, int]:
 
 def _connect(host: str, port: int, timeout_s: float) -> Any:
     """A store client, bounded: nothing listening, or a listener that is not a store, fail fast."""
-    from torch._C._distributed_c10d import TCPStore
-
-    from distruntime.rendezvous import _wait_for_listener
-
     deadline = time.monotonic() + timeout_s
     if not _wait_for_listener(host, port, deadline):
         raise WhereError(f"nothing listens at {host}:{port} (waited {timeout_s:g} s): the job has ended, or "

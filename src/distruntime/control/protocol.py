@@ -168,8 +168,33 @@ def as_float(value: Any, default: float = 0.0) -> float:
 
 
 def as_str(value: Any, default: str = "", limit: int = 4096) -> str:
-    """``value`` if it is a string (cut to ``limit`` characters), else ``default``."""
-    return value[:limit] if isinstance(value, str) else default
+    r"""``value`` if it is a string (cut to ``limit`` characters, control characters escaped),
+    else ``default``.
+
+    Example:
+        >>> as_str("node1\x1b]52;c;evil\x07"), as_str(7, "?")
+        ('node1\\x1b]52;c;evil\\x07', '?')
+    """
+    return printable(value[:limit]) if isinstance(value, str) else default
+
+
+# C0 and C1 controls, DEL, and the bidirectional overrides and isolates (which reorder what a
+# terminal shows): none may reach a terminal or a log line from a store record.
+_UNSAFE = {*range(0x00, 0x20), *range(0x7F, 0xA0), *range(0x202A, 0x202F), *range(0x2066, 0x206A),
+           0x200E, 0x200F, 0x061C}
+_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _UNSAFE}
+
+
+def printable(text: str, *, keep_newlines: bool = False) -> str:
+    r"""``text`` with every control character escaped (``\x1b``), so it shows as text.
+
+    Example:
+        >>> printable("ok\x1b[2J\nfake line"), printable("a\nb", keep_newlines=True)
+        ('ok\\x1b[2J\\x0afake line', 'a\nb')
+    """
+    if keep_newlines:
+        return "\n".join(line.translate(_ESCAPES) for line in text.split("\n"))
+    return text.translate(_ESCAPES)
 
 
 def store_alive(store: Store) -> bool:

@@ -27,6 +27,7 @@ from distruntime.control.protocol import (
     as_float,
     as_str,
     parse_record,
+    printable,
     read,
     read_many,
     verdict_key,
@@ -110,7 +111,7 @@ def job_report(root: Store, *, reason: str, ask: bool, namespace: str | None = N
         verdict = parse_report(read(job, verdict_key(last)))
         if verdict is None:
             raise MalformedRecord(verdict_key(last), "is not a hang verdict")
-        line = f"last verdict (event {last}): {verdict.summary}"
+        line = f"last verdict (event {last}): {printable(verdict.summary)}"
         report = replace(report, progress=(*report.progress, line))
     return report
 

@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from types import FrameType
 from typing import Any
 
+from distruntime.control.protocol import as_str, printable
+
 __all__ = [
     "HangReport",
     "RankState",
@@ -338,12 +340,16 @@ def parse_report(text: str | bytes | None, limit: int = 8 << 20) -> HangReport |
     return HangReport(
         is_hang=data["is_hang"], ranks=tuple(rows), progress=lines("progress"), desyncs=lines("desyncs"),
         threshold_s=float(threshold) if type(threshold) in (int, float) else 0.0,
-        reason=_text(data.get("reason"), 32) or "hang", summary=_text(data.get("summary"), 4000),
+        reason=_text(data.get("reason"), 32) or "hang", summary=_summary_text(data.get("summary")),
         hosts=lines("hosts"))
 
 
+def _summary_text(value: Any) -> str:
+    return printable(value[:4000], keep_newlines=True) if isinstance(value, str) else ""
+
+
 def _text(value: Any, limit: int) -> str:
-    return value[:limit] if isinstance(value, str) else ""
+    return as_str(value, "", limit)
 
 
 @dataclass
