@@ -41,7 +41,7 @@ import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import FrameType
 from typing import IO, Any
 
@@ -52,7 +52,7 @@ from distruntime.control import incident
 from distruntime.control.channel import HostChannel, process_start_time
 from distruntime.control.hostactions import kill_local_peer
 from distruntime.control.progress import collective_in, entries, group_names, main_stack, progress
-from distruntime.control.protocol import POINTER_KEY, as_float, as_int, as_str
+from distruntime.control.protocol import POINTER_KEY, as_float, as_int, as_str, store_alive
 from distruntime.control.unblock import (
     abort_blocked_collectives,
     job_addresses,
@@ -60,7 +60,7 @@ from distruntime.control.unblock import (
     peers_hung_up,
     socket_inodes,
 )
-from distruntime.control.verdict import HangReport, innermost_user_frame, parse_report
+from distruntime.control.verdict import HangReport, build_report, innermost_user_frame, parse_report
 from distruntime.control.waiter import HostWaiter, WaiterConfig, leader_of
 from distruntime.errorfile import write_error_file
 from distruntime.errors import HangError, LaunchEnvError
@@ -84,6 +84,9 @@ _EXIT_CODE = 1
 _ANSWER_WINDOW_S = 1.0
 # How long a rank waits for local evidence that a verdict concerns it before ignoring it.
 _EVIDENCE_WINDOW_S = 8.0
+# Past the threshold and the answer window by this much with no verdict, a rank whose store
+# no longer answers ends on its own evidence (_maybe_act_alone).
+_OVERDUE_S = 2.0
 # With no explicit threshold, the verdict is made this long before torch's own
 # collective timeout fires, so that the timeout error can already carry it.
 _DEFAULT_LEAD_S = 10.0
@@ -340,6 +343,26 @@ class RankAgent:
         self._write_slot(now, groups)
         self._maybe_claim(now, host)
         self._maybe_lead(host, now)
+        self._maybe_act_alone(now)
+
+    def _maybe_act_alone(self, now: float) -> None:
+        """No verdict can come: the store lost this rank's connection (a foreign value under a
+        counter key makes torch's store server drop its client). The rank's own wait is the
+        evidence; it ends with what it alone can say rather than wait out the collective."""
+        overdue = self.config.threshold_s + self.config.answer_window_s + _OVERDUE_S
+        if self._candidate is not None or self._longest_wait() < overdue:
+            return
+        self.store_requests += 1
+        if store_alive(self.store):
+            return  # the incident is under way or will be claimed: the verdict decides
+        report = build_report({self.config.rank: self._state_record()}, {}, {},
+                              world_size=self.config.world_size, now=now,
+                              threshold_s=self.config.threshold_s)
+        summary = (f"no hang verdict could be had (the store no longer answers this rank); rank "
+                   f"{self.config.rank} waited {self._longest_wait():.0f} s: {report.summary}")
+        self._candidate, self._candidate_round = replace(report, summary=summary), -1
+        self._candidate_until = time.monotonic() + _EVIDENCE_WINDOW_S
+        self._act_if_evidence()
 
     def _rearm_stack_dump(self) -> None:
         handle = self._stack_file

@@ -253,9 +253,12 @@ def _find_cause(store: Store, rank: int, saw: str, world: int,
         claim = f"{rank}"
         if bytes(store.compare_set(f"failed/exited/{other}", "", claim)).decode() == claim:
             _publish_root(store, other, what)  # once, by the first local peer to see it
+    deadline = time.monotonic() + PEER_WINDOW_S
     try:
         store.wait([_ROOT_KEY], timedelta(seconds=PEER_WINDOW_S))
         root = _parse(read(store, _ROOT_KEY), _ROOT_KEY)
+        if root is None:  # a foreign value holds the key: the log still has the real root
+            root = _root_from_log(store, deadline)
     except dist.DistError:
         root = None
     _publish_peer(store, rank, saw)
@@ -270,6 +273,22 @@ def _find_cause(store: Store, rank: int, saw: str, world: int,
         f"This rank saw: {saw}",
         suspects,
     )
+
+
+def _root_from_log(store: Store, deadline: float) -> tuple[int, bool, str] | None:
+    """The first well-formed root record of the log, polled until ``deadline``.
+
+    Only when ``failed/root`` holds something distruntime did not write (the store is
+    unauthenticated): garbage there must not hide the real root failure.
+    """
+    while True:
+        for line in (read(store, _LOG_KEY) or b"").splitlines()[:1024]:
+            parsed = _parse(line, _LOG_KEY)
+            if parsed is not None and parsed[1]:
+                return parsed
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.1)
 
 
 def _silent_ranks(store: Store, world: int, me: int) -> dict[int, str]:

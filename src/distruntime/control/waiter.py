@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +25,6 @@ from distruntime.control import incident
 from distruntime.control.channel import HostChannel
 from distruntime.control.protocol import as_int, as_str, event_key, parse_record, read
 from distruntime.control.unblock import shutdown_socket_to, socket_inodes
-from distruntime.control.verdict import parse_report
 
 __all__ = ["HostWaiter", "WaiterConfig"]
 
@@ -47,6 +47,10 @@ class WaiterConfig:
     world_size: int
     tick_s: float
     answer_window_s: float
+
+
+# How long one wait for a verdict blocks before the waiter looks for a newer event.
+_VERDICT_SLICE_S = 2.0
 
 
 class HostWaiter:
@@ -77,7 +81,8 @@ class HostWaiter:
         self._closing.set()
         if self._inodes:
             shutdown_socket_to(self.config.store_port, self._inodes)
-        self._thread.join(2.0)
+        if self._thread.ident is not None:  # a waiter made but never started has nothing to end
+            self._thread.join(2.0)
 
     # ------------------------------------------------------------------ the thread
     def _connect(self) -> Store:
@@ -123,22 +128,39 @@ class HostWaiter:
         kind = as_str(event.get("kind"), "?", 16)
         host = self.channel.read_host()
         host.update(round=k, event={"kind": kind, "rank": as_int(event.get("rank"), -1)})
-        self.channel.write_host(host)
-        if kind != "hang":
+        if kind != "hang":  # not an incident (nor a record distruntime wrote): nothing to wait for
+            host.update(verdict_round=k, verdict="")
+            self.channel.write_host(host)
             return False
+        self.channel.write_host(host)
         config = self.config
         ranks = incident.gather_local(self.channel, k, config.tick_s, 2 * config.tick_s + 0.5)
         self.requests += 3
         incident.publish_host_answer(store, k, config.host, ranks)
-        self.requests += 2
-        raw = incident.wait_verdict(store, k, config.answer_window_s + 10.0)
+        raw = self._verdict(store, k)
         host = self.channel.read_host()
         text = raw.decode(errors="replace") if raw is not None else ""
         host.update(verdict_round=k, verdict=text)
         self.channel.write_host(host)
-        report = parse_report(text)
-        # A hang ends the job: nothing is left to wait for.
-        return report is not None and report.is_hang and report.reason == "hang"
+        # Waiting goes on after a verdict: anyone can write an event key, and a verdict read
+        # from the store is no proof that this one was the job's last incident.
+        return False
+
+    def _verdict(self, store: Store, k: int) -> bytes | None:
+        """Verdict ``k``, waited for in slices: a newer event (one with no verdict ever coming,
+        e.g. written by a store client that is not a rank) does not hold this host back."""
+        deadline = time.monotonic() + self.config.answer_window_s + 10.0
+        while True:
+            self.requests += 2
+            slice_s = min(_VERDICT_SLICE_S, max(deadline - time.monotonic(), 0.1))
+            raw = incident.wait_verdict(store, k, slice_s)
+            if raw is not None or time.monotonic() >= deadline:
+                return raw
+            self.requests += 2  # the timed-out wait's CANCEL_WAIT, and this check
+            if store.check([event_key(k + 1)]):
+                logger.debug("host waiter: event %d has no verdict and event %d is open: moving on",
+                             k, k + 1)
+                return None
 
 
 def leader_of(host: dict[str, Any]) -> int:
