@@ -49,8 +49,9 @@ class WaiterConfig:
     answer_window_s: float
 
 
-# How long one wait for a verdict blocks before the waiter looks for a newer event.
-_VERDICT_SLICE_S = 2.0
+# How long one wait for a verdict blocks, past the answer window, before the waiter looks for
+# a newer event: a real verdict comes within the window, so it costs nothing then.
+_VERDICT_SLACK_S = 2.0
 
 
 class HostWaiter:
@@ -152,7 +153,8 @@ class HostWaiter:
         deadline = time.monotonic() + self.config.answer_window_s + 10.0
         while True:
             self.requests += 2
-            slice_s = min(_VERDICT_SLICE_S, max(deadline - time.monotonic(), 0.1))
+            left = max(deadline - time.monotonic(), 0.1)
+            slice_s = min(self.config.answer_window_s + _VERDICT_SLACK_S, left)
             raw = incident.wait_verdict(store, k, slice_s)
             if raw is not None or time.monotonic() >= deadline:
                 return raw
