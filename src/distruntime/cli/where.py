@@ -61,7 +61,8 @@ def _bounded_snapshot(address: str | None, namespace: str | None, timeout_s: flo
 
     def look() -> None:
         try:
-            result.append(snapshot(address, namespace, timeout_s))
+            # Each step inside is bounded by this budget: its own, clearer error comes first.
+            result.append(snapshot(address, namespace, max(timeout_s - 0.5, 0.75 * timeout_s)))
         except BaseException as error:  # handed to the caller's thread
             result.append(error)
 
