@@ -37,7 +37,10 @@ from distruntime import DistributedRuntime
 
 
 def _say(text: str) -> None:
-    print(text, flush=True)
+    # One write(2) per line, under PIPE_BUF: the ranks share one pipe, and print() under
+    # PYTHONUNBUFFERED writes the text and its newline apart, so two ranks' lines could merge.
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (text[:1000] + "\n").encode())
 
 
 def run_rank(mode: str, env: Mapping[str, str] | None = None) -> None:
