@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import PrefixStore, Store, TCPStore
 
-from distruntime.control.protocol import as_int, as_str, parse_record, read, read_many
+from distruntime.control.protocol import as_int, as_str, claim, parse_record, read, read_many
 from distruntime.errors import MeshMismatchError, RendezvousError
 from distruntime.launchers import LaunchEnv
 
@@ -246,7 +246,7 @@ def _unreachable(launch: LaunchEnv, host: str, port: int, waited: float) -> Rend
 
 def _abort(store: Store, phase: str, message: str) -> None:
     """Wake every rank waiting in ``phase`` with an error instead of a timeout."""
-    store.compare_set(f"{phase}/go", "", f"abort:{message}")
+    claim(store, f"{phase}/go", f"abort:{message}")
 
 
 def _check_in(rdzv: Rendezvous, deadline: float, mesh: str) -> None:
@@ -344,7 +344,7 @@ def arrive(rdzv: Rendezvous, phase: str, verify: Callable[[Rendezvous], str] | N
     """
     if rdzv.store.add(f"{phase}/count", 1) >= rdzv.launch.world_size:
         verdict = verify(rdzv) if verify is not None else "ok"
-        return rdzv.store.compare_set(f"{phase}/go", "", verdict).decode(errors="replace")
+        return claim(rdzv.store, f"{phase}/go", verdict)
     return None
 
 

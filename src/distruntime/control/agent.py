@@ -594,7 +594,7 @@ class RankAgent:
         self.waiter = HostWaiter(self.channel, config)
         clone = getattr(self.store, "clone", None)
         if clone is None:  # torch without Store.clone: the waiter connects itself
-            self.waiter.start()
+            self.waiter.start(shared=self.store)
             return
         before = socket_inodes()
         self.waiter.start(clone(), before)

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
 from distruntime.control.channel import HostChannel, process_start_time
-from distruntime.control.protocol import append, as_int, as_str, parse_record, read
+from distruntime.control.protocol import append, as_int, as_str, claim, parse_record, read
 from distruntime.errorfile import write_error_file
 from distruntime.errors import PeerFailureError, SignalExit
 from distruntime.rendezvous import Rendezvous
@@ -112,7 +112,7 @@ def _record(rank: int, root: bool, what: str) -> str:
 def _publish_root(store: Store, rank: int, what: str) -> None:
     line = _record(rank, True, what)
     append(store, _LOG_KEY, line + "\n")
-    store.compare_set(_ROOT_KEY, "", line)
+    claim(store, _ROOT_KEY, line)
     store.add(_COUNT_KEY, 1)
 
 

@@ -36,6 +36,7 @@ from distruntime.control.protocol import (
     as_float,
     as_int,
     as_str,
+    claim,
     event_key,
     parse_record,
     read,
@@ -76,9 +77,10 @@ def stale_after(tick_s: float) -> float:
 
 
 def open_event(store: Store, k: int, event: dict[str, Any]) -> tuple[bool, dict[str, Any]]:
-    """Claim event ``k`` (one request): (won, the event that holds the slot)."""
+    """Claim event ``k`` (two requests for the winner, one for the others): (won, the event
+    that holds the slot)."""
     mine = json.dumps(event)
-    held = bytes(store.compare_set(event_key(k), "", mine)).decode(errors="replace")
+    held = claim(store, event_key(k), mine)
     if held == mine:
         return True, event
     return False, parse_record(held.encode(), event_key(k)) or {"kind": "?"}

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
 __all__ = [
-    "MAX_RECORD_BYTES", "POINTER_KEY", "event_key", "parse_record", "read", "read_many", "state_key",
+    "MAX_RECORD_BYTES", "POINTER_KEY", "claim", "event_key", "parse_record", "read", "read_many", "state_key",
     "verdict_key",
 ]
 
@@ -74,6 +74,25 @@ def read(store: Store, key: str) -> bytes | None:
     """
     value = store.compare_set(key, _ABSENT, _ABSENT)
     return None if value == _ABSENT.encode() else bytes(value)
+
+
+def claim(store: Store, key: str, value: str) -> str:
+    """Set ``key`` to ``value`` unless it is set already; return what it holds now.
+
+    Two requests for the winner, one for the others: the winner's ``compare_set`` is followed
+    by a ``set`` of the same value, because torch's classic store backend
+    (``TCPStore(use_libuv=False)``) wakes no ``wait`` on a ``compare_set``, only on a ``set``.
+
+    Example:
+        >>> from torch.distributed import HashStore
+        >>> store = HashStore()
+        >>> claim(store, "ev/1", "rank 0"), claim(store, "ev/1", "rank 3")
+        ('rank 0', 'rank 0')
+    """
+    held = bytes(store.compare_set(key, "", value)).decode(errors="replace")
+    if held == value:
+        store.set(key, value)
+    return held
 
 
 def append(store: Store, key: str, value: str) -> None:

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch._C._distributed_c10d import Store
 
-from distruntime.control.protocol import append, read
+from distruntime.control.protocol import append, claim, read
 from distruntime.errors import DistRuntimeError, UnevenStopCallsError
 from distruntime.registry import stop_coordinator
 from distruntime.teardown import SignalScope
@@ -288,13 +288,13 @@ class StopCoordinator:
                 if clean and pending:
                     self._wait("the runtime's exit")
                 return None
-            # Per rank: append, add, one blocking wait (or the last one's compare_set), one
+            # Per rank: append, add, one blocking wait (or the last one's claim), one
             # read; and one add + wait so the store's host stays until every peer has read.
             append(store, "stop/left", f"{self.rank}:{self._calls}\n")
             if int(store.add("stop/left_count", 1)) >= self.world_size:
                 # Published before this rank's own wait below, which may end in an error:
                 # the peers blocked on it would otherwise wait out _EXIT_CHECK_S.
-                store.compare_set("stop/all_left", "", "1")
+                claim(store, "stop/all_left", "1")
             if not clean:
                 return None
             if pending:
@@ -302,7 +302,7 @@ class StopCoordinator:
             store.wait(["stop/all_left"], timedelta(seconds=_EXIT_CHECK_S))
             left = self._left_calls()
             if int(store.add("stop/checked", 1)) >= self.world_size:
-                store.compare_set("stop/all_checked", "", "1")
+                claim(store, "stop/all_checked", "1")
             elif hosts_store:  # peers still reading the counts from this process's store
                 store.wait(["stop/all_checked"], timedelta(seconds=_EXIT_CHECK_S))
         except UnevenStopCallsError as exc:

@@ -7,6 +7,11 @@ client -- which torch uses for new communicators -- is never held. It sleeps in
 an event it tells its host through the node-local channel and, for a hang incident,
 gathers and publishes the host's answers and waits for the verdict
 (:mod:`distruntime.control.incident`).
+
+One degraded case: torch without ``Store.clone`` (before 2.5) and a store given to the
+runtime under a prefix of its own (a ``PrefixStore`` whose prefix torch does not expose).
+A new connection cannot find the job's keys there, so the waiter checks for the next event
+once per tick on the rank's own connection instead (one request per host per tick).
 """
 
 from __future__ import annotations
@@ -63,6 +68,8 @@ class HostWaiter:
         self.requests = 0  # store requests this waiter made, for the simulator and tests
         self._closing = threading.Event()
         self._store: Store | None = None
+        self._shared: Store | None = None
+        self.polling = False  # the degraded case of the module docstring
         self._inodes: set[int] = set()
         self._thread = threading.Thread(target=self._run, name="distruntime-host-waiter", daemon=True)
 
@@ -70,11 +77,14 @@ class HostWaiter:
         alive = self._thread.is_alive()
         return f"HostWaiter(host={self.config.host!r}, rank={self.config.rank}, alive={alive})"
 
-    def start(self, store: Store | None = None, inodes: set[int] | None = None) -> None:
+    def start(self, store: Store | None = None, inodes: set[int] | None = None,
+              shared: Store | None = None) -> None:
         """Start waiting on ``store``, a connection of its own (``inodes``: this process's
-        sockets from before it was opened, to find it again at close); without one, connect."""
+        sockets from before it was opened, to find it again at close); without one, connect.
+        ``shared``: the rank's own store, polled when a new connection cannot see the job."""
         self._store = store
         self._inodes = inodes or set()
+        self._shared = shared
         self._thread.start()
 
     def close(self) -> None:
@@ -92,7 +102,16 @@ class HostWaiter:
         self._inodes = socket_inodes()
         client = TCPStore(self.config.store_host, self.config.store_port, is_master=False,
                           wait_for_workers=False, timeout=timedelta(seconds=_CONNECT_TIMEOUT_S))
-        return PrefixStore(self.config.namespace, client)
+        store = PrefixStore(self.config.namespace, client)
+        self.requests += 1
+        if self._shared is None or store.check([f"who/{self.config.rank}"]):
+            return store
+        # This rank's own check-in record is not where a new connection looks: the given
+        # store adds a prefix of its own. Poll through the rank's connection instead.
+        logger.debug("host waiter: the store given to the runtime has a prefix a new connection "
+                     "cannot rebuild (torch without Store.clone); checking once per tick")
+        self.polling = True
+        return self._shared
 
     def _run(self) -> None:
         try:
@@ -107,7 +126,12 @@ class HostWaiter:
         while not self._closing.is_set():
             try:
                 self.requests += 1
-                store.wait([event_key(k + 1)], timedelta(seconds=REARM_S))
+                if self.polling:
+                    if not store.check([event_key(k + 1)]):
+                        self._closing.wait(self.config.tick_s)
+                        continue
+                else:
+                    store.wait([event_key(k + 1)], timedelta(seconds=REARM_S))
             except dist.DistError as error:
                 if self._closing.is_set() or "timeout" not in str(error).lower():
                     logger.debug("host waiter stops: %s", error)
