@@ -58,7 +58,6 @@ from distruntime.control.unblock import (
     job_addresses,
     open_connections,
     peers_hung_up,
-    socket_inodes,
 )
 from distruntime.control.verdict import HangReport, build_report, innermost_user_frame, parse_report
 from distruntime.control.waiter import HostWaiter, WaiterConfig, leader_of
@@ -87,6 +86,12 @@ _EVIDENCE_WINDOW_S = 8.0
 # Past the threshold and the answer window by this much with no verdict, a rank whose store
 # no longer answers ends on its own evidence (_maybe_act_alone).
 _OVERDUE_S = 2.0
+# ... and this much later, a rank whose store still answers but brought no verdict (the host's
+# waiter lost its own connection) ends on its own evidence too: hang_timeout_s + 10 s holds.
+_NO_VERDICT_S = 3.0
+# The round a rank that acted alone records in its slot (verdict rounds count from 1): its
+# local peers see it and follow, since no verdict will reach them either.
+_ALONE = -1
 # With no explicit threshold, the verdict is made this long before torch's own
 # collective timeout fires, so that the timeout error can already carry it.
 _DEFAULT_LEAD_S = 10.0
@@ -309,9 +314,8 @@ class RankAgent:
             started = time.thread_time()
             try:
                 self._tick()
-            except dist.DistError as error:
-                logger.debug("watchdog: store unavailable (%s); stopping", error)
-                return
+            except dist.DistError as error:  # ticking goes on: a rank can still act alone
+                logger.debug("watchdog: store unavailable (%s)", error)
             except Exception:
                 logger.debug("watchdog tick failed", exc_info=True)
             self.ticks += 1
@@ -344,23 +348,50 @@ class RankAgent:
         self._maybe_claim(now, host)
         self._maybe_lead(host, now)
         self._maybe_act_alone(now)
+        self._maybe_follow_alone(now)
 
     def _maybe_act_alone(self, now: float) -> None:
-        """No verdict can come: the store lost this rank's connection (a foreign value under a
-        counter key makes torch's store server drop its client). The rank's own wait is the
-        evidence; it ends with what it alone can say rather than wait out the collective."""
+        """No verdict came: the store lost this rank's connection, or the connection that
+        gathers its host's answers (a foreign value under a counter key makes torch's store
+        server drop the client that adds to it). The rank's own wait is the evidence; it ends
+        with what it alone can say rather than wait out the collective."""
         overdue = self.config.threshold_s + self.config.answer_window_s + _OVERDUE_S
-        if self._candidate is not None or self._longest_wait() < overdue:
+        waited = self._longest_wait()
+        if self._candidate is not None or waited < overdue:
             return
-        self.store_requests += 1
-        if store_alive(self.store):
-            return  # the incident is under way or will be claimed: the verdict decides
+        if waited < overdue + _NO_VERDICT_S:
+            self.store_requests += 1
+            if store_alive(self.store):
+                return  # the incident is under way or will be claimed: the verdict decides
+            why = "the store no longer answers this rank"
+        else:
+            why = f"none came within {_NO_VERDICT_S + _OVERDUE_S:.0f} s of the answer window"
         report = build_report({self.config.rank: self._state_record()}, {}, {},
                               world_size=self.config.world_size, now=now,
                               threshold_s=self.config.threshold_s)
-        summary = (f"no hang verdict could be had (the store no longer answers this rank); rank "
-                   f"{self.config.rank} waited {self._longest_wait():.0f} s: {report.summary}")
-        self._candidate, self._candidate_round = replace(report, summary=summary), -1
+        summary = (f"no hang verdict could be had ({why}); rank "
+                   f"{self.config.rank} waited {waited:.0f} s: {report.summary}")
+        self._candidate, self._candidate_round = replace(report, summary=summary), _ALONE
+        self._candidate_until = time.monotonic() + _EVIDENCE_WINDOW_S
+        self._act_if_evidence()
+
+    def _maybe_follow_alone(self, now: float) -> None:
+        """A rank on this host ended on its own evidence (its slot says so: the host's own
+        record, not the store's): no verdict will come, so this rank ends too, wherever it is."""
+        if self._candidate is not None or self.channel is None:
+            return
+        alone = sorted(rank for rank, slot in self.channel.read_slots().items()
+                       if rank != self.config.rank and as_int(slot.get("acted")) == _ALONE)
+        if not alone:
+            return
+        report = build_report({self.config.rank: self._state_record()}, {}, {},
+                              world_size=self.config.world_size, now=now,
+                              threshold_s=self.config.threshold_s)
+        where = innermost_user_frame(main_stack()) or "an unknown place"
+        summary = (f"no hang verdict could be had; rank {alone[0]} on this host waited past the "
+                   f"threshold ({self.config.threshold_s:g} s) and ended on its own evidence, so rank "
+                   f"{self.config.rank} ends too (it was at {where})")
+        self._candidate, self._candidate_round = replace(report, summary=summary), _ALONE
         self._candidate_until = time.monotonic() + _EVIDENCE_WINDOW_S
         self._act_if_evidence()
 
@@ -526,7 +557,8 @@ class RankAgent:
     def _local_peer_acted(self) -> bool:
         if self.channel is None:
             return False
-        return any(as_int(slot.get("acted")) == self._candidate_round and rank != self.config.rank
+        # A peer that acted alone counts for any verdict: no other word will reach it.
+        return any(as_int(slot.get("acted")) in (self._candidate_round, _ALONE) and rank != self.config.rank
                    for rank, slot in self.channel.read_slots().items())
 
     def _maybe_claim(self, now: float, host: dict[str, Any]) -> None:
@@ -592,12 +624,8 @@ class RankAgent:
                               self.config.rank, self.config.world_size, self.config.tick_s,
                               self.config.answer_window_s)
         self.waiter = HostWaiter(self.channel, config)
-        clone = getattr(self.store, "clone", None)
-        if clone is None:  # torch without Store.clone: the waiter connects itself
-            self.waiter.start(shared=self.store)
-            return
-        before = socket_inodes()
-        self.waiter.start(clone(), before)
+        # torch without Store.clone (before 2.5): the waiter connects itself
+        self.waiter.start(clone=getattr(self.store, "clone", None), shared=self.store)
 
     # ------------------------------------------------------------------ ending the job
     def _kill_local_silent(self, report: HangReport) -> None:

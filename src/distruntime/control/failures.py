@@ -113,12 +113,24 @@ def _publish_root(store: Store, rank: int, what: str) -> None:
     line = _record(rank, True, what)
     append(store, _LOG_KEY, line + "\n")
     claim(store, _ROOT_KEY, line)
-    store.add(_COUNT_KEY, 1)
+    _count(store)
 
 
 def _publish_peer(store: Store, rank: int, what: str) -> None:
-    append(store, _LOG_KEY, _record(rank, False, what) + "\n")
-    store.add(_COUNT_KEY, 1)
+    try:
+        append(store, _LOG_KEY, _record(rank, False, what) + "\n")
+        _count(store)
+    except dist.DistError as error:  # the report this rank raises stands without it
+        logger.debug("could not record this rank's peer failure: %s", error)
+
+
+def _count(store: Store) -> None:
+    """Count this rank's report. The last request: a foreign value under the counter makes
+    the store drop this connection, and by then the record is in."""
+    try:
+        store.add(_COUNT_KEY, 1)
+    except dist.DistError as error:
+        logger.debug("could not count this failure report: %s", error)
 
 
 def _caused_by(culprit: int, what: str, rank: int, saw: str) -> PeerFailureError:
@@ -218,32 +230,69 @@ def report_failure(
     ``where`` is appended to the exception's description, e.g. the mesh dim of the
     collective that failed (``" (in a collective over mesh dim 'tp')"``).
     """
-    store, world = rdzv.store, rdzv.launch.world_size
     what = describe(exc) + where
     try:
-        store.set_timeout(_STORE_TIMEOUT)
-        if isinstance(exc, SignalExit):  # the launcher's stop, after a peer's failure?
-            named = root_failure_on_record(store, rank, what)
-            if named is not None:
-                _publish_peer(store, rank, what)
-                return named
-            if exited_local_ranks(channel, world, rank):  # a local peer died, not yet on record
-                return _find_cause(store, rank, what, world, channel)
-        if not is_peer_symptom(exc):
-            _publish_root(store, rank, what)
-            return None
-        return _find_cause(store, rank, what, world, channel)
-    except dist.DistError as store_error:
-        if rdzv.hosts_store or not is_peer_symptom(exc):
-            logger.warning("could not record this failure for peers: %s", store_error)
-            return None
-        host = "torchrun's agent" if rdzv.launch.agent_store else "rank 0"
+        return _report(rdzv.store, rdzv.launch.world_size, rank, exc, what, channel=channel)
+    except dist.DistError as error:
+        lost: BaseException = error
+    # The store may have dropped this connection alone (its server drops a client whose
+    # request fails): once more on a new one, where torch can open it (Store.clone).
+    clone = getattr(rdzv.store, "clone", None)
+    if clone is not None and _accepts_connections(rdzv.address):
+        try:
+            return _report(clone(), rdzv.launch.world_size, rank, exc, what, channel=channel)
+        except dist.DistError as error:
+            lost = error
+    return _store_lost(rdzv, rank, exc, what, lost)
+
+
+def _report(store: Store, world: int, rank: int, exc: BaseException, what: str, *,
+            channel: HostChannel | None) -> PeerFailureError | None:
+    store.set_timeout(_STORE_TIMEOUT)
+    if isinstance(exc, SignalExit):  # the launcher's stop, after a peer's failure?
+        named = root_failure_on_record(store, rank, what)
+        if named is not None:
+            _publish_peer(store, rank, what)
+            return named
+        if exited_local_ranks(channel, world, rank):  # a local peer died, not yet on record
+            return _find_cause(store, rank, what, world, channel)
+    if not is_peer_symptom(exc):
+        _publish_root(store, rank, what)
+        return None
+    return _find_cause(store, rank, what, world, channel)
+
+
+def _store_lost(rdzv: Rendezvous, rank: int, exc: BaseException, what: str,
+                store_error: BaseException) -> PeerFailureError | None:
+    if rdzv.hosts_store or not is_peer_symptom(exc):
+        logger.warning("could not record this failure for peers: %s", store_error)
+        return None
+    host = "torchrun's agent" if rdzv.launch.agent_store else "rank 0"
+    if _accepts_connections(rdzv.address):
         return PeerFailureError(
-            f"{host}, which hosts the rendezvous store at {rdzv.address}, is gone (it exited or "
-            f"crashed: see its log); rank {rank} stopped because of it. This rank saw: "
-            f"{what}",
-            {0: "lost"} if not rdzv.launch.agent_store else {},
+            f"the rendezvous store at {rdzv.address} dropped rank {rank}'s connection while "
+            f"{host}, which hosts it, is still up (torch's store server drops a client whose "
+            "request fails, e.g. an add on a key something other than the job wrote: see "
+            f"docs/security.md); rank {rank} stopped without learning which rank failed "
+            f"first. This rank saw: {what}",
+            {},
         )
+    return PeerFailureError(
+        f"{host}, which hosts the rendezvous store at {rdzv.address}, is gone (it exited or "
+        f"crashed: see its log); rank {rank} stopped because of it. This rank saw: "
+        f"{what}",
+        {0: "lost"} if not rdzv.launch.agent_store else {},
+    )
+
+
+def _accepts_connections(address: str) -> bool:
+    """Whether something still listens at ``host:port`` (one TCP connect, 1 s at most)."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def _find_cause(store: Store, rank: int, saw: str, world: int,

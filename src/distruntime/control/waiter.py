@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -67,7 +68,7 @@ class HostWaiter:
         self.config = config
         self.requests = 0  # store requests this waiter made, for the simulator and tests
         self._closing = threading.Event()
-        self._store: Store | None = None
+        self._clone: Callable[[], Store] | None = None
         self._shared: Store | None = None
         self.polling = False  # the degraded case of the module docstring
         self._inodes: set[int] = set()
@@ -77,13 +78,12 @@ class HostWaiter:
         alive = self._thread.is_alive()
         return f"HostWaiter(host={self.config.host!r}, rank={self.config.rank}, alive={alive})"
 
-    def start(self, store: Store | None = None, inodes: set[int] | None = None,
-              shared: Store | None = None) -> None:
-        """Start waiting on ``store``, a connection of its own (``inodes``: this process's
-        sockets from before it was opened, to find it again at close); without one, connect.
-        ``shared``: the rank's own store, polled when a new connection cannot see the job."""
-        self._store = store
-        self._inodes = inodes or set()
+    def start(self, clone: Callable[[], Store] | None = None, shared: Store | None = None) -> None:
+        """Start waiting on a connection of its own: ``clone()`` (the rank's store's
+        ``Store.clone``), else one this thread opens; both in the thread, since connecting
+        blocks while the store's host is gone. ``shared``: the rank's own store, polled when a
+        new connection cannot see the job (the module docstring)."""
+        self._clone = clone
         self._shared = shared
         self._thread.start()
 
@@ -97,9 +97,9 @@ class HostWaiter:
 
     # ------------------------------------------------------------------ the thread
     def _connect(self) -> Store:
-        if self._store is not None:
-            return self._store
-        self._inodes = socket_inodes()
+        self._inodes = socket_inodes()  # this connection is the one not among them, at close
+        if self._clone is not None:
+            return self._clone()
         client = TCPStore(self.config.store_host, self.config.store_port, is_master=False,
                           wait_for_workers=False, timeout=timedelta(seconds=_CONNECT_TIMEOUT_S))
         store = PrefixStore(self.config.namespace, client)
