@@ -77,4 +77,7 @@ def test_a_failure_is_named_on_every_rank(spec: str) -> None:
     # ValueError, whether it is rank 1's own file or a peer's that ties with it
     root = output.split("Root Cause (first observed failure):", 1)[-1]
     assert "ValueError: injected fault on rank 1" in root, root[-3000:]
-    assert "SIGTERM" not in root, root[-3000:]
+    # Its report is the rank's own, never the signal's. (torchrun may still annotate the exit
+    # code "-15 (SIGTERM)": the failed rank can be stopped by torchrun's SIGTERM after its
+    # report is out, once teardown has restored the default handler -- a known gap.)
+    assert "SignalExit" not in root and "Signal 15 (SIGTERM) received" not in root, root[-3000:]
