@@ -224,14 +224,18 @@ class WireProxy:
     def phase(self) -> str:
         return self._phase
 
+    def _tallies(self, phase: str | None) -> list[Any]:
+        """The tallies of ``phase`` (none if unknown), or of every phase; under the lock."""
+        with self._lock:
+            if phase is not None:
+                return [self._phases[phase]] if phase in self._phases else []
+            return list(self._phases.values())
+
     def counts(self, phase: str | None = None) -> dict[str, int]:
         """Requests by query type, in ``phase`` or in all phases."""
-        with self._lock:
-            tallies = [self._phases[phase]] if phase in self._phases else (
-                [] if phase is not None else list(self._phases.values()))
-            total: Counter[str] = Counter()
-            for tally in tallies:
-                total.update(tally.by_type)
+        total: Counter[str] = Counter()
+        for tally in self._tallies(phase):
+            total.update(tally.by_type)
         return dict(total)
 
     def total(self, phase: str | None = None, exclude: Iterable[str] = ()) -> int:
@@ -239,22 +243,16 @@ class WireProxy:
         return sum(n for kind, n in self.counts(phase).items() if kind not in skip)
 
     def per_connection(self, phase: str | None = None) -> dict[int, int]:
-        with self._lock:
-            tallies = [self._phases[phase]] if phase in self._phases else (
-                [] if phase is not None else list(self._phases.values()))
-            total: Counter[int] = Counter()
-            for tally in tallies:
-                total.update(tally.by_conn)
+        total: Counter[int] = Counter()
+        for tally in self._tallies(phase):
+            total.update(tally.by_conn)
         return dict(total)
 
     def key_families(self, phase: str | None = None) -> dict[str, int]:
         """Requests by key family (``who/*``, ``st/*/hosts``, ...): where the requests go."""
-        with self._lock:
-            tallies = [self._phases[phase]] if phase in self._phases else (
-                [] if phase is not None else list(self._phases.values()))
-            total: Counter[str] = Counter()
-            for tally in tallies:
-                total.update(tally.by_prefix)
+        total: Counter[str] = Counter()
+        for tally in self._tallies(phase):
+            total.update(tally.by_prefix)
         return dict(total.most_common())
 
     def phases(self) -> list[str]:
