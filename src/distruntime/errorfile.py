@@ -7,6 +7,7 @@ from the store: see ``docs/security.md``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -46,8 +47,15 @@ def write_error_file(exc: BaseException, path: str | None = None) -> None:
             },
         }
     }
+    # Whole or not at all: torchrun reads the file as soon as the rank has exited, and a
+    # rank ended mid-write (its launcher's SIGTERM) must not leave it empty -- torchrun's
+    # summary then fails on the JSON and drops every rank's report (seen under torchrun).
+    partial = f"{path}.{os.getpid()}.partial"
     try:
-        with open(path, "w") as handle:
+        with open(partial, "w") as handle:
             json.dump(data, handle)
+        os.replace(partial, path)
     except OSError as error:  # never hide the job's own exception
         logger.warning("could not write %s=%s: %s", ENV_VAR, path, error)
+        with contextlib.suppress(OSError):
+            os.remove(partial)
