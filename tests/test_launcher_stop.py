@@ -19,6 +19,7 @@ from torch._C._distributed_c10d import HashStore, PrefixStore, TCPStore
 
 from distruntime.control.failures import failure_log, report_failure, report_now, root_failure_on_record
 from distruntime.control.unblock import release_peers, store_ports
+from distruntime.errorfile import write_error_file
 from distruntime.errors import PeerFailureError, SignalExit
 from distruntime.launchers import discover
 from distruntime.rendezvous import Rendezvous
@@ -96,6 +97,53 @@ def test_a_held_sigterm_is_redelivered_after_a_clean_teardown() -> None:
         assert signal.getsignal(signal.SIGTERM) is not scope._handle
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _signalled_in_exit() -> str:
+    # Stands in for the runtime's __exit__: Python runs a signal's handler at the next bytecode
+    # or function entry, which, after a collective that failed under SIGTERM, is __exit__.
+    os.kill(os.getpid(), signal.SIGTERM)
+    return "the teardown went on"
+
+
+def test_a_sigterm_landing_in_the_runtimes_exit_is_held_not_raised() -> None:
+    previous = signal.getsignal(signal.SIGTERM)
+    scope = SignalScope(held_in=(_signalled_in_exit.__code__,))
+    try:
+        scope.install()
+        assert _signalled_in_exit() == "the teardown went on"
+        assert (scope.held, scope.active) == (signal.SIGTERM, False)
+        with pytest.raises(SignalExit):  # anywhere else it still unwinds the block
+            scope.resume()  # a nested runtime's exit does not tear down: it raises
+        scope.restore()
+        scope.install()
+        with pytest.raises(SignalExit):
+            os.kill(os.getpid(), signal.SIGTERM)
+    finally:
+        scope.restore()
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_a_signal_between_hold_and_teardown_is_held() -> None:
+    """hold() switches to holding before it leaves the raising mode: no window raises."""
+    scope = SignalScope()
+    try:
+        scope.install()
+        scope._holding = True  # the first half of hold(): ``active`` is still on
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert scope.held == signal.SIGTERM
+    finally:
+        scope.restore()
+
+
+def test_the_error_file_is_replaced_whole(tmp_path: Path) -> None:
+    path = tmp_path / "error.json"
+    path.write_text("{}")
+    write_error_file(ValueError("bad batch"), str(path))
+    assert json.loads(path.read_text())["message"]["message"] == "ValueError: bad batch"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]  # no partial file left
+    write_error_file(ValueError("lost"), str(tmp_path / "gone" / "error.json"))  # warns, never raises
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["error.json"]
 
 
 def test_last_words_name_the_peer_in_the_error_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

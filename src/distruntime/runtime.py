@@ -32,6 +32,7 @@ from distruntime.control.channel import HostChannel, process_start_time
 from distruntime.control.failures import (
     LINGER_S,
     PEER_WINDOW_S,
+    describe,
     is_peer_symptom,
     linger_for_peers,
     report_failure,
@@ -48,6 +49,7 @@ from distruntime.errors import (
     GroupMismatchError,
     HangError,
     PeerFailureError,
+    SignalExit,
 )
 from distruntime.hooks import PROCESS_HOOKS, run_teardown_hooks
 from distruntime.info import DistInfo
@@ -295,34 +297,27 @@ class DistributedRuntime:
             # nobody -- the group lives until the last runtime using it has left.
             session.depth -= 1
             if session.depth > 0:
+                session.signals.resume()  # not this exit's to hold: a signal held at its start raises
                 return
             REGISTRY.session = None
             if session.owner is None:  # adopted: the group belongs to someone else
                 return
             self._state = session.owner._state = "tearing down"
-            hang = _hang_error(session, exc)
-            victim = exc is not None and is_peer_symptom(exc) and hang is None
-            if isinstance(exc, Exception) and not victim:
-                write_error_file(hang or exc)  # first, so its timestamp is the job's earliest
-            stop_error = _leave_stop(session, exc)
+            # Before anything else: a SIGTERM that now raised SignalExit inside __exit__ would
+            # cut the teardown short (no report, no error file) while this rank waits below.
+            session.signals.hold(functools.partial(report_now, session.rendezvous, session.info.rank, exc))
             try:
-                peer_error = _close(session, hang or exc, self.teardown_timeout_s)
+                error = _leave(session, exc, self.teardown_timeout_s)
             finally:
+                # Only now, with the report out: the previous handler (often the default,
+                # which ends the rank at once) takes the next stop signal.
+                session.signals.restore(redeliver_held=exc is None)
+                session.env_patch.restore()
                 self._state = session.owner._state = "idle"
-        if hang is not None and hang is not exc:
-            raise hang from exc
-        if stop_error is not None:
-            raise stop_error
+        if error is not None and error is not exc:
+            raise error
         if session.stop is not None and session.stop.agreed is not None and exc is None:
             _after_agreed_stop(session, self.requeue)
-        if peer_error is not None:
-            peer_error.__cause__ = exc
-            # torchrun's summary shows the earliest error file (1 s resolution); should
-            # this one tie with the failed rank's, it still names the real cause.
-            write_error_file(peer_error)
-            raise peer_error
-        if victim and isinstance(exc, Exception):
-            write_error_file(exc)
 
     # ------------------------------------------------------------------ decorator
     def __call__(self, fn: Callable[P, R]) -> Callable[P, R]:
@@ -404,8 +399,9 @@ class DistributedRuntime:
             ),
             owner=self,
         )
-        if self.graceful_stop:
-            session.signals = SignalScope(self.stop_signals, graceful=True)
+        teardown = (DistributedRuntime.__exit__.__code__,)
+        session.signals = (SignalScope(self.stop_signals, graceful=True, held_in=teardown)
+                           if self.graceful_stop else SignalScope(held_in=teardown))
         session.signals.install()
         if launch.launcher != "none":
             session.env_patch = EnvPatch.export_missing(_torch_variables(launch))
@@ -568,6 +564,40 @@ def _hang_error(session: Session, exc: BaseException | None) -> HangError | None
     return HangError(report) if report is not None else None
 
 
+def _leave(session: Session, exc: BaseException | None, timeout_s: float) -> BaseException | None:
+    """Close an owned session; the error this rank leaves with (``exc`` itself, or one naming
+    the real cause), already in torchrun's error file and in the log."""
+    hang = _hang_error(session, exc)
+    victim = exc is not None and is_peer_symptom(exc) and hang is None
+    if isinstance(exc, Exception) and not victim:
+        write_error_file(hang or exc)  # first, so its timestamp is the job's earliest
+    stop_error = _leave_stop(session, exc)
+    peer_error = _close(session, hang or exc, timeout_s)
+    error: BaseException | None = exc
+    if hang is not None and hang is not exc:
+        hang.__cause__ = exc
+        error = hang
+    elif stop_error is not None:
+        error = stop_error
+    elif peer_error is not None:
+        peer_error.__cause__ = exc
+        # torchrun's summary shows the earliest error file (1 s resolution); should
+        # this one tie with the failed rank's, it still names the real cause.
+        write_error_file(peer_error)
+        error = peer_error
+    elif victim and isinstance(exc, Exception):
+        write_error_file(exc)
+    if error is not None and not _clean_exit(error):
+        # The rank's report, before the stop signal's handler is back: torchrun stops every
+        # rank once one has failed, and the default handler would end this one silently.
+        logger.error("rank %d leaves the runtime on %s", session.info.rank, describe(error))
+    return error
+
+
+def _clean_exit(exc: BaseException) -> bool:
+    return isinstance(exc, SystemExit) and not isinstance(exc, SignalExit) and exc.code in (None, 0)
+
+
 def _leave_stop(session: Session, exc: BaseException | None) -> DistRuntimeError | None:
     """Close the coordinated stop before the group: the error to raise after teardown."""
     if session.stop is None:
@@ -617,8 +647,6 @@ def _close(session: Session, exc: BaseException | None, timeout_s: float) -> Pee
     finally:
         if session.channel is not None and session.agent is None:
             session.channel.close(session.info.rank)
-        session.signals.restore(redeliver_held=exc is None)
-        session.env_patch.restore()
     logger.debug("runtime closed (%s)", "after an exception" if exc is not None else "cleanly")
     return peer_error[0]
 
@@ -640,7 +668,11 @@ def _close_at_exit() -> None:
         REGISTRY.global_runtime = None
         session.owner._entries.clear()
         session.owner._state = "idle"
-        _close(session, None, session.owner.teardown_timeout_s)
+        try:
+            _close(session, None, session.owner.teardown_timeout_s)
+        finally:
+            session.signals.restore(redeliver_held=True)
+            session.env_patch.restore()
 
 
 def enter_global(backend: str, timeout_minutes: float) -> DistInfo:

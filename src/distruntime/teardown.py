@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ class SignalScope:
         signals: the signals handled (default SIGTERM alone).
         graceful: record the first signal in ``received`` instead of raising; only a
             second one raises (the coordinated stop of :mod:`distruntime.control.stop`).
+        held_in: code (the runtime's ``__exit__``) in which a signal that would raise is
+            held instead, as during teardown: that code is the teardown.
 
     Example:
         >>> scope = SignalScope((signal.SIGTERM, signal.SIGUSR1), graceful=True)
@@ -69,9 +71,11 @@ class SignalScope:
         SignalScope(active=False, installed=[], graceful=True, received=None)
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), *, graceful: bool = False) -> None:
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), *, graceful: bool = False,
+                 held_in: tuple[CodeType, ...] = ()) -> None:
         self.signals = tuple(signals)
         self.graceful = graceful
+        self._held_in = held_in
         self.received: int | None = None  # graceful mode: the first stop signal
         self.held: int | None = None  # teardown: the stop signal held until it is done
         self._previous: dict[int, _Handler] = {}
@@ -95,18 +99,8 @@ class SignalScope:
         self.active = True
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.active:
-            name = signal.Signals(signum).name
-            if self.graceful and self.received is None:
-                # Only a flag: the handler runs between two bytecodes of the main thread,
-                # which may hold a lock or be inside a collective; should_stop() acts on it.
-                self.received = signum
-                logger.warning("received %s: stopping at the next step all ranks agree on "
-                               "(a second signal exits at once)", name)
-                return
-            self.active = False  # a second signal during unwinding goes to the old handler
-            logger.warning("received %s: unwinding the distributed runtime", name)
-            raise SignalExit(signum)
+        # Holding is asked first: hold() sets it before it clears ``active``, so a signal
+        # between the two is held, never raised inside the teardown.
         if self._holding:
             if self.held is None:
                 self.held = signum
@@ -119,6 +113,27 @@ class SignalScope:
                     self._last_words()
                 except BaseException:  # the rank ends either way
                     logger.debug("the report before the second signal failed", exc_info=True)
+        elif self.active:
+            name = signal.Signals(signum).name
+            if self.graceful and self.received is None:
+                # Only a flag: the handler runs between two bytecodes of the main thread,
+                # which may hold a lock or be inside a collective; should_stop() acts on it.
+                self.received = signum
+                logger.warning("received %s: stopping at the next step all ranks agree on "
+                               "(a second signal exits at once)", name)
+                return
+            if _running(frame, self._held_in):
+                # Python runs a pending handler at the next function entry; after a collective
+                # that failed under the signal, that is the runtime's __exit__, whose teardown
+                # writes the rank's report. Raised there, the signal would skip the teardown.
+                self.hold()
+                self.held = signum
+                logger.warning("received %s as the runtime exits: finishing the teardown and its "
+                               "report first (a second signal ends the rank now)", name)
+                return
+            self.active = False  # a second signal during unwinding goes to the old handler
+            logger.warning("received %s: unwinding the distributed runtime", name)
+            raise SignalExit(signum)
         self._deliver(signum, frame)
 
     def hold(self, last_words: Callable[[], object] | None = None) -> None:
@@ -132,10 +147,24 @@ class SignalScope:
             >>> scope.held is None, scope.active
             (True, False)
         """
-        self.active = False
         self._holding = True
+        self.active = False
         if last_words is not None:
             self._last_words = last_words
+
+    def resume(self) -> None:
+        """Undo a hold taken as an exit began that turned out not to tear down (a nested
+        runtime's): raise :class:`SignalExit` for the signal held, as it would have been."""
+        if not self._holding:
+            return
+        self._holding = False
+        self._last_words = None
+        held, self.held = self.held, None
+        if held is None:
+            self.active = True
+            return
+        logger.warning("received %s: unwinding the distributed runtime", signal.Signals(held).name)
+        raise SignalExit(held)  # ``active`` stays off: a second signal goes to the old handler
 
     def _deliver(self, signum: int, frame: FrameType | None) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)
@@ -172,6 +201,15 @@ class SignalScope:
                 previous(held, None)
             elif previous != signal.SIG_IGN:
                 os.kill(os.getpid(), held)
+
+
+def _running(frame: FrameType | None, codes: tuple[CodeType, ...]) -> bool:
+    """Whether one of ``codes`` is on the stack from ``frame`` up."""
+    while frame is not None and codes:
+        if frame.f_code in codes:
+            return True
+        frame = frame.f_back
+    return False
 
 
 @dataclass

@@ -254,7 +254,10 @@ def _report(store: Store, world: int, rank: int, exc: BaseException, what: str, 
         if named is not None:
             _publish_peer(store, rank, what)
             return named
-        if exited_local_ranks(channel, world, rank):  # a local peer died, not yet on record
+        # A local peer died, not yet on record; or the signal landed as this rank was already
+        # unwinding from a peer's failure (a broken collective): wait for the root like a victim.
+        context = exc.__context__
+        if exited_local_ranks(channel, world, rank) or (context is not None and is_peer_symptom(context)):
             return _find_cause(store, rank, what, world, channel)
     if not is_peer_symptom(exc):
         _publish_root(store, rank, what)
