@@ -12,6 +12,7 @@ import re
 
 import pytest
 
+from fault_matrix import rank_reports
 from procs import REPO, TORCHRUN, WORKERS, clean_env, run
 
 pytest.importorskip("lightning", reason="the `wrappers` extra is not installed")
@@ -69,15 +70,17 @@ def test_a_failure_is_named_on_every_rank(spec: str) -> None:
     """The issue's case: a ValueError on rank 1; every other rank names it, none says SignalExit."""
     code, output = _torchrun(JOB, f"{spec}:raise", FAULT_RANK="1")
     assert code != 0
-    named = [line for line in output.splitlines() if line.startswith("FAILED ")
-             and "PeerFailureError: rank 1 failed first (ValueError: injected fault on rank 1)" in line]
-    assert len(named) == 3, output[-8000:]
-    assert "SignalExit" not in output, output[-8000:]
+    # distruntime's report on each rank, logged before the default SIGTERM handler is back
+    peer = "PeerFailureError: rank 1 failed first (ValueError: injected fault on rank 1)"
+    named = {rank for rank, said in rank_reports(output) if said.startswith(peer)}
+    assert named == {0, 2, 3}, output[-8000:]
+    assert (1, "ValueError: injected fault on rank 1") in rank_reports(output), output[-8000:]
+    assert not any(line.startswith("FAILED ") and "SignalExit" in line for line in output.splitlines())
     # torchrun's summary: its root cause (the earliest error file, 1 s resolution) names rank 1's
     # ValueError, whether it is rank 1's own file or a peer's that ties with it
     root = output.split("Root Cause (first observed failure):", 1)[-1]
     assert "ValueError: injected fault on rank 1" in root, root[-3000:]
     # Its report is the rank's own, never the signal's. (torchrun may still annotate the exit
-    # code "-15 (SIGTERM)": the failed rank can be stopped by torchrun's SIGTERM after its
-    # report is out, once teardown has restored the default handler -- a known gap.)
+    # code "-15 (SIGTERM)": its SIGTERM can reach the failed rank after the report is out and
+    # the default handler is back; docs/integrations.md.)
     assert "SignalExit" not in root and "Signal 15 (SIGTERM) received" not in root, root[-3000:]
