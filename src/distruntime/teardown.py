@@ -9,7 +9,8 @@
   With ``graceful=True`` (``DistributedRuntime(graceful_stop=True)``) the first stop
   signal is only recorded in ``received``, for :mod:`distruntime.control.stop` to agree on a
   step; a second one raises :class:`SignalExit` as above.
-* During teardown (:meth:`SignalScope.hold`) the first stop signal is held: teardown is
+* During teardown (:meth:`SignalScope.hold`, and from the first bytecode of the runtime's
+  ``__exit__``: ``held_in``) the first stop signal is held: teardown is
   bounded, and it is what writes the rank's report (the peer's root failure, the error
   file), so torchrun's SIGTERM to every rank must not cut it short. A second signal ends the
   rank at once through the previous handler, its report written first. A held signal is
